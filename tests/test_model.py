@@ -1,0 +1,149 @@
+"""The Mamba fallback against a slow float64 reference; causality; step mode; the interface."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import EncoderConfig, MambaEncoder, TorchMamba, make_mamba, selective_scan
+
+MAMBA_PARAMETER_SHAPES = {  # mamba_ssm.Mamba(d_model=32) with its defaults
+    "in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4), "conv1d.bias": (64,),
+    "x_proj.weight": (2 + 32, 64), "dt_proj.weight": (64, 2), "dt_proj.bias": (64,),
+    "A_log": (64, 16), "D": (64,), "out_proj.weight": (32, 64),
+}
+
+
+def reference_mamba(block, hidden):
+    """Mamba's forward written time step by time step in float64: the specification."""
+    p = {k: v.detach().double() for k, v in block.state_dict().items()}
+    hidden = hidden.double()
+    batch, length, _ = hidden.shape
+    d_inner, d_state, d_conv = block.d_inner, block.d_state, block.d_conv
+    xz = hidden @ p["in_proj.weight"].T
+    x, z = xz[..., :d_inner], xz[..., d_inner:]
+    weight = p["conv1d.weight"][:, 0, :]
+    A = -torch.exp(p["A_log"])
+    h = torch.zeros(batch, d_inner, d_state, dtype=torch.float64)
+    outputs = []
+    for t in range(length):
+        conv = p["conv1d.bias"].clone().expand(batch, d_inner).clone()
+        for j in range(d_conv):
+            src = t - (d_conv - 1) + j
+            if src >= 0:
+                conv = conv + weight[:, j] * x[:, src]
+        xc = F.silu(conv)
+        x_dbl = xc @ p["x_proj.weight"].T
+        dt_low, B, C = x_dbl.split([block.dt_rank, d_state, d_state], dim=-1)
+        dt = F.softplus(dt_low @ p["dt_proj.weight"].T + p["dt_proj.bias"])
+        h = torch.exp(dt[..., None] * A) * h + (dt * xc)[..., None] * B[:, None, :]
+        y = (h * C[:, None, :]).sum(-1) + p["D"] * xc
+        y = y * F.silu(z[:, t])
+        outputs.append(y @ p["out_proj.weight"].T)
+    return torch.stack(outputs, dim=1)
+
+
+def randomized_block(d_model=32, seed=0):
+    torch.manual_seed(seed)
+    block = TorchMamba(d_model)
+    with torch.no_grad():  # move away from the init so every path is exercised
+        block.A_log.add_(0.3 * torch.randn_like(block.A_log))
+        block.D.add_(0.5 * torch.randn_like(block.D))
+        block.dt_proj.bias.add_(torch.randn_like(block.dt_proj.bias))
+    return block
+
+
+@pytest.mark.parametrize("length", [1, 3, 17, 64])
+def test_forward_matches_float64_reference(length):
+    block = randomized_block(seed=length)
+    hidden = torch.randn(3, length, 32)
+    expected = reference_mamba(block, hidden)
+    actual = block(hidden).double()
+    rel_err = (actual - expected).norm() / expected.norm()
+    assert rel_err < 1e-4
+
+
+def test_gradients_match_float64_autograd():
+    block = randomized_block(seed=1)
+    hidden = torch.randn(2, 20, 32)
+    block(hidden).pow(2).sum().backward()
+    grads = {k: v.grad.clone() for k, v in block.named_parameters()}
+    ref = randomized_block(seed=1).double()
+    ref(hidden.double()).pow(2).sum().backward()
+    for name, param in ref.named_parameters():
+        rel = (grads[name].double() - param.grad).norm() / param.grad.norm().clamp_min(1e-12)
+        assert rel < 1e-4, name
+
+
+def test_selective_scan_gradcheck():
+    torch.manual_seed(0)
+    b, d, n, length = 2, 3, 4, 5
+    args = (torch.randn(b, d, length), torch.randn(b, d, length), -torch.rand(d, n) - 0.5,
+            torch.randn(b, n, length), torch.randn(b, n, length), torch.randn(d))
+    args = tuple(a.double().requires_grad_() for a in args)
+    h0 = torch.randn(b, d, n, dtype=torch.float64, requires_grad=True)
+
+    def scan(u, delta, A, B, C, D, h0):
+        y, last = selective_scan(u, delta, A, B, C, D, h0=h0)
+        return y, last
+    assert torch.autograd.gradcheck(scan, (*args, h0))
+
+
+def test_output_is_causal():
+    block = randomized_block()
+    hidden = torch.randn(2, 30, 32)
+    changed = hidden.clone()
+    changed[:, 12] += 5.0
+    before, after = block(hidden), block(changed)
+    assert torch.allclose(before[:, :12], after[:, :12], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_step_mode_equals_full_sequence():
+    block = randomized_block()
+    hidden = torch.randn(4, 25, 32)
+    full = block(hidden)
+    conv_state, ssm_state = block.allocate_inference_cache(batch_size=4, max_seqlen=25)
+    stepped = []
+    for t in range(25):
+        out, conv_state, ssm_state = block.step(hidden[:, t:t + 1], conv_state, ssm_state)
+        stepped.append(out)
+    torch.testing.assert_close(torch.cat(stepped, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_names_and_shapes_match_mamba_ssm():
+    shapes = {k: tuple(v.shape) for k, v in TorchMamba(32).state_dict().items()}
+    assert shapes == MAMBA_PARAMETER_SHAPES
+
+
+def test_initialisation_follows_mamba_ssm():
+    block = TorchMamba(32)
+    A = torch.arange(1, 17, dtype=torch.float32).repeat(64, 1)
+    torch.testing.assert_close(block.A_log, torch.log(A))
+    torch.testing.assert_close(block.D, torch.ones(64))
+    dt = F.softplus(block.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert block.dt_proj.weight.abs().max() <= 2 ** -0.5
+
+
+def test_factory_picks_fallback_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    assert isinstance(make_mamba(32), TorchMamba)
+    assert isinstance(make_mamba(32, backend="torch"), TorchMamba)
+    with pytest.raises(RuntimeError, match="requirements-cuda"):
+        make_mamba(32, backend="cuda")
+
+
+def test_encoder_is_causal_and_carries_normalisation():
+    torch.manual_seed(0)
+    encoder = MambaEncoder(EncoderConfig(obs_dim=5, latent_dim=8, d_model=32, n_layers=2))
+    encoder.set_normalization(torch.arange(5.0), torch.full((5,), 2.0))
+    obs = torch.randn(2, 15, 5)
+    changed = obs.clone()
+    changed[:, 9] += 3.0
+    z, z_changed = encoder(obs), encoder(changed)
+    assert z.shape == (2, 15, 8)
+    assert torch.equal(z[:, :9], z_changed[:, :9])
+    restored = MambaEncoder(EncoderConfig(obs_dim=5, latent_dim=8, d_model=32, n_layers=2))
+    restored.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(restored.obs_std, torch.full((5,), 2.0))
+    torch.testing.assert_close(restored(obs), z)
