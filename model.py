@@ -93,6 +93,11 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    if h0 is None and u.shape[-1] == 1:
+        # One step from a zero state: h = delta u B, so y = delta u (B . C); no state is built.
+        # Goals are encoded this way (length-1 sequences), thousands per batch.
+        y = delta * u * (B * C).sum(1, keepdim=True) + u * D[:, None]
+        return (y * F.silu(z) if z is not None else y), None
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     time_major = [t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C)]
@@ -101,6 +106,20 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
     if z is not None:
         y = y * F.silu(z)
     return y, last_state
+
+
+def causal_depthwise_conv(x, weight, bias=None):
+    """Conv1d(groups=channels, padding=K-1)[..., :L] as K shifted multiply-adds.
+
+    Same numbers as the nn.Conv1d of mamba_ssm; on CPU, PyTorch's depthwise-conv backward is
+    several times slower than these few elementwise ops. x (b, d, L); weight (d, 1, K).
+    """
+    kernel, length = weight.shape[-1], x.shape[-1]
+    padded = F.pad(x, (kernel - 1, 0))
+    out = padded[..., kernel - 1:] * weight[:, 0, kernel - 1, None]
+    for j in range(kernel - 1):
+        out = out + padded[..., j:j + length] * weight[:, 0, j, None]
+    return out if bias is None else out + bias[:, None]
 
 
 # ----------------------------------------------------------------------------- Mamba mixer
@@ -151,7 +170,7 @@ class TorchMamba(nn.Module):
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)          # (b, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :length])
+        x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y, _ = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),

@@ -1,0 +1,263 @@
+"""The offline OPSO agent: losses, one update on a batch of windows, and acting by policy search.
+
+Losses (SPEC.md, "Offline training"): a k-step critic Q(z_t, z_{t+k}, z_g) with clipped double Q and
+EMA targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023), an expectile
+value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a state and a future state of its
+trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, and advantage-weighted
+inverse dynamics and subgoal proposer (AWR, Peng et al., 2019).
+Acting: candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)),
+the one with the largest Q wins, the action is I(z, z', z_g).
+"""
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
+from utils import CHECKPOINT_FORMAT, UserError
+
+MAX_ADVANTAGE_WEIGHT = 100.0   # AWR weights exp(beta * A) are clipped here (OGBench's choice)
+GRAD_CLIP_NORM = 10.0
+INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
+
+
+@dataclass
+class AgentConfig:
+    obs_dim: int
+    action_dim: int
+    latent_dim: int = 64
+    d_model: int = 128
+    n_layers: int = 2
+    hidden_dim: int = 256
+    context_length: int = 100
+    subgoal_steps: int = 25
+    discount: float = 0.99
+    expectile: float = 0.9
+    beta: float = 3.0
+    lr: float = 3e-4
+    tau: float = 0.005
+    infonce_coef: float = 0.1
+    state_coef: float = 1.0
+    reward_coef: float = 1.0
+    proposer_coef: float = 1.0
+    num_noisy_candidates: int = 8
+    candidate_noise: float = 0.1
+    num_interpolations: int = 8
+    mamba_backend: str = "auto"
+
+
+def expectile_loss(diff, expectile):
+    """IQL's asymmetric square: weight `expectile` where diff = target - prediction > 0, else 1 - expectile."""
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    return weight * diff.square()
+
+
+def advantage_weights(advantage, beta, max_weight=MAX_ADVANTAGE_WEIGHT):
+    return torch.exp(beta * advantage).clamp(max=max_weight)
+
+
+def info_nce_loss(anchors, positives):
+    """Cross-entropy of matching row i to row i, logits = -squared distance (CRL's InfoNCE, L2 form)."""
+    logits = -torch.cdist(anchors, positives).square()
+    labels = torch.arange(len(anchors), device=anchors.device)
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return loss, accuracy
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class OfflineAgent:
+    """Encoder + heads + EMA target critics + one Adam optimiser."""
+
+    def __init__(self, config: AgentConfig, device="cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.encoder = MambaEncoder(self.encoder_config(), backend=config.mamba_backend).to(self.device)
+        self.heads = OPSOHeads(HeadsConfig(config.latent_dim, config.obs_dim, config.action_dim,
+                                           config.hidden_dim)).to(self.device)
+        self.targets = torch.nn.ModuleDict(dict(q1=copy.deepcopy(self.heads.q1), q2=copy.deepcopy(self.heads.q2),
+                                                value=copy.deepcopy(self.heads.value))).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
+        self.step = 0
+
+    def encoder_config(self):
+        c = self.config
+        return EncoderConfig(c.obs_dim, c.latent_dim, c.d_model, c.n_layers)
+
+    @property
+    def context_length(self):
+        return self.config.context_length
+
+    def parameters(self):
+        return list(self.encoder.parameters()) + list(self.heads.parameters())
+
+    def set_normalization(self, observations):
+        """Observation mean/std of the dataset, kept in the encoder's buffers (and so in checkpoints)."""
+        observations = np.asarray(observations)
+        self.encoder.set_normalization(observations.mean(0), observations.std(0))
+
+    # ------------------------------------------------------------------ latents
+
+    def encode_batch(self, batch):
+        z = self.encoder(batch["observations"])                                   # (B, W, Z)
+        offset = batch["future_offset"].unsqueeze(-1).expand(-1, -1, z.shape[-1])
+        z_next = torch.gather(z, 1, offset)                                       # z_{t+k}
+        z_value_goal = self.encoder.encode_goals(batch["value_goals"])
+        z_actor_goal = self.encoder.encode_goals(batch["actor_goals"])
+        return z, z_next, z_value_goal, z_actor_goal
+
+    # ------------------------------------------------------------------ losses
+
+    def critic_loss(self, z, z_next, z_goal, batch, valid):
+        with torch.no_grad():
+            next_v = self.targets["value"](z_next, z_goal)
+            q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+        q1, q2 = self.heads.q_values(z, z_next, z_goal)
+        loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
+        return loss, {"critic/loss": loss, "critic/q_mean": masked_mean(q1, valid),
+                      "critic/q_min": q1[valid > 0].min(), "critic/q_max": q1[valid > 0].max(),
+                      "critic/target_mean": masked_mean(q_target, valid)}
+
+    def value_loss(self, z, z_next, z_goal, valid):
+        with torch.no_grad():
+            q_target = torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal))
+        v = self.heads.value(z, z_goal)
+        loss = masked_mean(expectile_loss(q_target - v, self.config.expectile), valid)
+        return loss, {"value/loss": loss, "value/v_mean": masked_mean(v, valid),
+                      "value/v_min": v[valid > 0].min(), "value/v_max": v[valid > 0].max()}
+
+    def infonce_loss(self, z, z_actor_goal):
+        flat_z, flat_g = z.reshape(-1, z.shape[-1]), z_actor_goal.reshape(-1, z.shape[-1])
+        rows = torch.randperm(len(flat_z), device=z.device)[:INFONCE_SAMPLES]
+        loss, accuracy = info_nce_loss(flat_z[rows], flat_g[rows])
+        return loss, {"infonce/loss": loss, "infonce/accuracy": accuracy}
+
+    def state_loss(self, z, batch):
+        obs = self.encoder.normalize(batch["observations"])
+        predicted_delta = self.heads.state(z[:, :-1], batch["actions"][:, :-1])
+        loss = (predicted_delta - (obs[:, 1:] - obs[:, :-1])).square().mean()
+        return loss, {"state/loss": loss}
+
+    def reward_loss(self, z, z_next, z_goal, batch, valid):
+        reward_pred, done_logit = self.heads.reward(z, z_next, z_goal).unbind(-1)
+        reward_mse = masked_mean((reward_pred - batch["rewards"]).square(), valid)
+        done_bce = masked_mean(F.binary_cross_entropy_with_logits(
+            done_logit, batch["successes"].float(), reduction="none"), valid)
+        loss = reward_mse + done_bce
+        return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
+
+    def policy_losses(self, z, z_next, z_goal, batch, valid):
+        """Inverse dynamics I(z, z', z_g) -> a and proposer P(z, z_g) -> z', both advantage-weighted."""
+        with torch.no_grad():
+            q = torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal))
+            advantage = q - self.heads.value(z, z_goal)
+            weights = advantage_weights(advantage, self.config.beta)
+        action = self.heads.action(z, z_next, z_goal)
+        action_error = (action - batch["actions"]).square().sum(-1)
+        inverse = masked_mean(weights * action_error, valid)
+        proposal = self.heads.proposer(z.detach(), z_goal.detach())
+        proposer = masked_mean(weights * (proposal - z_next.detach()).square().sum(-1), valid)
+        info = {"inverse/loss": inverse, "inverse/action_mse": masked_mean(action_error, valid),
+                "inverse/advantage_mean": masked_mean(advantage, valid), "inverse/weight_mean": masked_mean(weights, valid),
+                "proposer/loss": proposer}
+        return inverse, proposer, info
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, batch):
+        """One gradient step on every loss; returns a dict of floats, namespaced per loss."""
+        c = self.config
+        z, z_next, z_value_goal, z_actor_goal = self.encode_batch(batch)
+        valid = batch["future_valid"].float()
+        critic, info = self.critic_loss(z, z_next, z_value_goal, batch, valid)
+        value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
+        infonce, infonce_info = self.infonce_loss(z, z_actor_goal)
+        state, state_info = self.state_loss(z, batch)
+        reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
+        inverse, proposer, policy_info = self.policy_losses(z, z_next, z_actor_goal, batch, valid)
+        total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
+                 + inverse + c.proposer_coef * proposer)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP_NORM)
+        self.optimizer.step()
+        self.update_targets()
+        self.step += 1
+        for extra in (value_info, infonce_info, state_info, reward_info, policy_info):
+            info.update(extra)
+        info.update({"train/total_loss": total, "train/grad_norm": grad_norm})
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in info.items()}
+
+    @torch.no_grad()
+    def update_targets(self):
+        for name, target in self.targets.items():
+            for p_target, p in zip(target.parameters(), getattr(self.heads, name).parameters()):
+                p_target.lerp_(p, self.config.tau)
+
+    # ------------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def latents(self, observation_windows, goals):
+        windows = torch.as_tensor(np.asarray(observation_windows), dtype=torch.float32, device=self.device)
+        goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=self.device)
+        return self.encoder(windows)[:, -1], self.encoder.encode_goals(goals)
+
+    def candidates(self, z, z_goal):
+        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations."""
+        c = self.config
+        proposal = self.heads.proposer(z, z_goal)
+        parts = [proposal.unsqueeze(1)]
+        if c.num_noisy_candidates > 0:
+            scale = c.candidate_noise * (proposal - z).square().mean(-1, keepdim=True).sqrt()
+            noise = torch.randn(len(z), c.num_noisy_candidates, z.shape[-1], device=z.device)
+            parts.append(proposal.unsqueeze(1) + scale.unsqueeze(1) * noise)
+        if c.num_interpolations > 0:
+            alphas = torch.linspace(0.1, 1.0, c.num_interpolations, device=z.device).view(1, -1, 1)
+            parts.append(z.unsqueeze(1) + alphas * (z_goal - z).unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def search_subgoal(self, z, z_goal):
+        candidates = self.candidates(z, z_goal)
+        n, num = candidates.shape[:2]
+        z_rep, g_rep = (t.unsqueeze(1).expand(-1, num, -1) for t in (z, z_goal))
+        q = torch.minimum(*self.heads.q_values(z_rep, candidates, g_rep))
+        return candidates[torch.arange(n), q.argmax(dim=1)]
+
+    @torch.no_grad()
+    def act(self, observation_windows, goals):
+        """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps."""
+        z, z_goal = self.latents(observation_windows, goals)
+        z_next = self.search_subgoal(z, z_goal)
+        return self.heads.action(z, z_next, z_goal).clamp(-1, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self):
+        return {"format": CHECKPOINT_FORMAT, "agent_config": asdict(self.config), "step": self.step,
+                "encoder": self.encoder.state_dict(), "heads": self.heads.state_dict(),
+                "targets": self.targets.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.encoder.load_state_dict(state["encoder"])
+        self.heads.load_state_dict(state["heads"])
+        self.targets.load_state_dict(state["targets"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
+        config = dict(checkpoint["agent_config"], **overrides)
+        agent = cls(AgentConfig(**config), device=device)
+        agent.load_state_dict(checkpoint)
+        return agent
+
+    def check_env_sizes(self, obs_dim, action_dim, source="the checkpoint"):
+        if (self.config.obs_dim, self.config.action_dim) != (obs_dim, action_dim):
+            raise UserError(f"{source} was trained for observations of size {self.config.obs_dim} and actions of "
+                            f"size {self.config.action_dim}, but the environment has {obs_dim} and {action_dim}")

@@ -1,0 +1,229 @@
+"""Offline OPSO training: dataset -> updates on windows -> periodic OGBench evaluation -> checkpoints and curves.
+
+    python offline_trainer.py --dataset pointmaze-medium-navigate-v0 --dataset_dir datasets/generated
+    python offline_trainer.py --dataset antmaze-medium-navigate-v0 --max_trajectories 100 --batch_size 16 --num_epochs 200
+
+Outputs in --save_dir: best_model.pth (replaced only when evaluation success strictly improves),
+last_model.pth (every epoch; --resume continues from it), metrics.csv (one row per epoch),
+training_curves.png, config.json.
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from offline_agent import AgentConfig, OfflineAgent
+from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
+                           load_datasets, make_env, read_provenance)
+from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
+                   resolve_device, save_checkpoint, set_seed, write_json)
+
+LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
+                "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
+                "infonce/accuracy", "train/grad_norm"]
+CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"]), ("state loss", ["state/loss"]),
+                ("reward/done loss", ["reward/loss"]), ("InfoNCE loss", ["infonce/loss"]),
+                ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
+                ("evaluation success", ["eval/success"])]
+RUN_FILES = ("metrics.csv", "last_model.pth", "best_model.pth", "config.json", "training_curves.png")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def unit_float(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_model_flags(parser):
+    """Flags of the agent's architecture and losses (shared with online_trainer.py)."""
+    d = AgentConfig(obs_dim=0, action_dim=0)
+    parser.add_argument("--context_length", type=positive_int, default=d.context_length,
+                        help="observations per window (encoder context)")
+    parser.add_argument("--d_model", type=positive_int, default=d.d_model, help="Mamba width")
+    parser.add_argument("--n_layers", type=positive_int, default=d.n_layers, help="Mamba blocks")
+    parser.add_argument("--latent_dim", type=positive_int, default=d.latent_dim, help="size of the latent z")
+    parser.add_argument("--hidden_dim", type=positive_int, default=d.hidden_dim, help="width of every head MLP")
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    parser.add_argument("--subgoal_steps", type=positive_int, default=d.subgoal_steps,
+                        help="k: z' is the latent k steps ahead (see README for the measurement behind the default)")
+    parser.add_argument("--discount", type=unit_float, default=d.discount, help="discount gamma")
+    parser.add_argument("--expectile", type=unit_float, default=d.expectile, help="expectile tau of the value loss")
+    parser.add_argument("--beta", type=float, default=d.beta, help="inverse temperature of the advantage weights")
+    parser.add_argument("--tau", type=unit_float, default=d.tau, help="EMA rate of the target critics")
+    parser.add_argument("--infonce_coef", type=float, default=d.infonce_coef, help="weight of the InfoNCE loss")
+    parser.add_argument("--num_noisy_candidates", type=int, default=d.num_noisy_candidates,
+                        help="policy search: noisy copies of the proposed subgoal")
+    parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,
+                        help="policy search: goal-biased interpolations z + alpha (z_g - z)")
+    parser.add_argument("--mamba_backend", choices=["auto", "torch", "cuda"], default=d.mamba_backend,
+                        help="auto: mamba_ssm on CUDA when installed, else the PyTorch fallback")
+
+
+def add_run_flags(parser):
+    parser.add_argument("--dataset", default="pointmaze-medium-navigate-v0",
+                        help=f"OGBench dataset, one of: {', '.join(SUPPORTED_DATASETS)}")
+    parser.add_argument("--dataset_dir", default=DEFAULT_DATASET_DIR,
+                        help="folder of the dataset files (generated ones: datasets/generated)")
+    parser.add_argument("--eval_episodes", type=positive_int, default=20, help="evaluation episodes per task")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --save_dir")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Offline OPSO training on an OGBench dataset.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_flags(parser)
+    parser.add_argument("--max_trajectories", type=positive_int, default=None,
+                        help="keep the first N trajectories (default: all)")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="windows per update")
+    parser.add_argument("--num_epochs", type=positive_int, default=200,
+                        help="epochs; one epoch = ceil(transitions / (batch_size * context_length)) updates")
+    parser.add_argument("--updates_per_epoch", type=positive_int, default=None,
+                        help="override the updates per epoch (default: one pass over the transitions)")
+    parser.add_argument("--eval_every", type=positive_int, default=10, help="evaluate every N epochs (and at the end)")
+    parser.add_argument("--time_budget", type=positive_float, default=None,
+                        help="minutes of training (updates and periodic evaluations) before a final evaluation")
+    parser.add_argument("--save_dir", default="runs/offline", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --save_dir from last_model.pth")
+    add_model_flags(parser)
+    return parser
+
+
+def agent_config_from_args(args, obs_dim, action_dim):
+    fields = AgentConfig.__dataclass_fields__
+    return AgentConfig(obs_dim=obs_dim, action_dim=action_dim,
+                       **{k: v for k, v in vars(args).items() if k in fields and k not in ("obs_dim", "action_dim")})
+
+
+def prepare_save_dir(save_dir, resume, overwrite, run_files=RUN_FILES):
+    """Refuse to mix two runs' outputs: an existing run needs --resume or --overwrite."""
+    existing = [f for f in run_files if os.path.exists(os.path.join(save_dir, f))]
+    if existing and not (resume or overwrite):
+        raise UserError(f"{save_dir} already holds a run ({', '.join(existing)}); "
+                        f"pass --resume to continue it, --overwrite to replace it, or another --save_dir")
+    if overwrite and not resume:
+        for f in existing:
+            os.remove(os.path.join(save_dir, f))
+    os.makedirs(save_dir, exist_ok=True)
+
+
+def warn_if_smoke_data(dataset, dataset_dir):
+    provenance = read_provenance(dataset, dataset_dir)
+    if provenance and provenance.get("smoke"):
+        print(f"warning: {dataset} in {dataset_dir} is SMOKE data (random actions); results are not a benchmark")
+
+
+def average(infos):
+    return {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_dataset_name(args.dataset)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    prepare_save_dir(args.save_dir, args.resume, args.overwrite)
+    set_seed(args.seed)
+    train, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
+    warn_if_smoke_data(args.dataset, args.dataset_dir)
+    env = make_env(args.dataset)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    env.close()
+
+    last_path = os.path.join(args.save_dir, "last_model.pth")
+    if args.resume:
+        checkpoint = load_checkpoint(last_path, map_location=device)
+        agent = OfflineAgent.from_checkpoint(checkpoint, device=device)
+        agent.check_env_sizes(obs_dim, action_dim, source=last_path)
+        start_epoch, best_success = checkpoint["epoch"] + 1, checkpoint["best_success"]
+        elapsed = checkpoint["elapsed"]
+    else:
+        agent = OfflineAgent(agent_config_from_args(args, obs_dim, action_dim), device=device)
+        agent.set_normalization(train.observations)
+        start_epoch, best_success, elapsed = 1, -math.inf, 0.0
+    write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
+
+    sampler = WindowSampler(train, args.context_length, agent.config.subgoal_steps, agent.config.discount,
+                            seed=args.seed + 1_000 * start_epoch)
+    if sampler.window_length < args.context_length:
+        print(f"note: trajectories are shorter than --context_length; windows of {sampler.window_length} steps")
+    updates = args.updates_per_epoch or num_updates_per_epoch(len(train), args.batch_size, args.context_length)
+    logger = CSVLogger(os.path.join(args.save_dir, "metrics.csv"), resume=args.resume)
+    print(f"{args.dataset}: {train.num_trajectories} trajectories, {len(train)} transitions, "
+          f"{updates} updates per epoch, device {device}")
+
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        epoch_start = time.time()
+        infos = []
+        bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}", leave=False, disable=args.no_progress)
+        for _ in bar:
+            infos.append(agent.update(sampler.sample(args.batch_size, device)))
+            if len(infos) % 10 == 1:
+                bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})
+        for key, value in infos[-1].items():
+            if not math.isfinite(value):
+                raise UserError(f"non-finite {key} at step {agent.step}; stopping (the last good checkpoint is kept)")
+        row = {"epoch": epoch, "step": agent.step, **{k: average(infos)[k] for k in LOSS_COLUMNS}}
+        elapsed += time.time() - epoch_start
+        out_of_time = args.time_budget is not None and elapsed >= args.time_budget * 60
+        last_epoch = epoch == args.num_epochs or out_of_time
+        result = {}
+        if epoch % args.eval_every == 0 or last_epoch:
+            eval_start = time.time()
+            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+            if not last_epoch:
+                elapsed += time.time() - eval_start
+            if result["success"] > best_success:
+                best_success = result["success"]
+                save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args),
+                                os.path.join(args.save_dir, "best_model.pth"))
+        row.update({f"eval/{k}": result.get(k, float("nan")) for k in
+                    ["success"] + [f"task{i}_success" for i in range(1, 6)] + ["episode_length"]})
+        row.update({"time/elapsed_s": elapsed, "time/epoch_s": time.time() - epoch_start})
+        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args), last_path)
+        logger.log(row)
+        plot_curves(logger.path, os.path.join(args.save_dir, "training_curves.png"), "epoch", CURVE_PANELS,
+                    title=f"OPSO offline: {args.dataset}")
+        summary = f"epoch {epoch}: critic {row['critic/loss']:.3f} value {row['value/loss']:.3f} " \
+                  f"infonce {row['infonce/loss']:.3f} inverse {row['inverse/loss']:.3f}"
+        if result:
+            summary += f" | success {result['success']:.3f} (best {best_success:.3f})"
+        tqdm.write(summary)
+        if out_of_time:
+            tqdm.write(f"time budget of {args.time_budget} min reached after epoch {epoch}")
+            break
+    return best_success
+
+
+def checkpoint_dict(agent, epoch, best_success, elapsed, args):
+    state = agent.state_dict()
+    state.update(epoch=epoch, best_success=best_success, elapsed=elapsed, run_config=vars(args),
+                 rng_torch=torch.get_rng_state())
+    return state
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

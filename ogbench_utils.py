@@ -1,0 +1,472 @@
+"""OGBench datasets and environments: loading, local generation, windows with goal relabelling, evaluation.
+
+Conventions follow OGBench (Park et al., 2024): its file format, its GCDataset goal relabelling
+(current 0.2 / same-trajectory future at a geometric offset 0.5 / random 0.3; success when the goal
+index equals the current index; reward = success - 1; mask = 1 - success) and its evaluation protocol
+(five tasks, `reset(options=dict(task_id=k))`, goal from `info['goal']`, success as reported).
+
+Command line:
+    python ogbench_utils.py generate pointmaze-medium-navigate-v0 [--episodes N] [--max_steps M]
+        [--noise X] [--seed S] [--dataset_dir DIR]
+"""
+import argparse
+import datetime
+import os
+import sys
+import urllib.error
+from dataclasses import dataclass
+
+import gymnasium
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils import UserError, exit_on_user_error, write_json
+
+DEFAULT_DATASET_DIR = "datasets"
+GENERATED_DATASET_DIR = "datasets/generated"
+
+OFFICIAL_LOCOMOTION = [f"antmaze-{size}-{kind}-v0" for size in ("medium", "large")
+                       for kind in ("navigate", "explore", "stitch")]
+OFFICIAL_LOCOMOTION += [f"humanoidmaze-{size}-{kind}-v0" for size in ("medium", "large")
+                        for kind in ("navigate", "stitch")]
+POINTMAZE = [f"pointmaze-{size}-{kind}-v0" for size in ("medium", "large", "giant", "teleport")
+             for kind in ("navigate", "stitch", "explore")]
+SUPPORTED_DATASETS = POINTMAZE + OFFICIAL_LOCOMOTION
+
+# OGBench's recipe (data_gen_scripts/generate_locomaze.py and its commands) per dataset kind.
+RECIPES = {
+    "navigate": dict(episodes=1000, max_steps=1001, noise=0.5),
+    "stitch": dict(episodes=5000, max_steps=201, noise=0.5),
+    "explore": dict(episodes=10000, max_steps=501, noise=1.0),
+}
+SMOKE_RECIPE = dict(episodes=20, max_steps=201, noise=0.0)  # ant/humanoid: random actions, tests only
+STITCH_CELLS = 4             # stitch episodes start this many maze cells (BFS) from their goal
+EXPLORE_DIRECTION_STEPS = 10  # explore re-samples its random direction this often
+
+VALUE_GOAL_PROBS = dict(cur=0.2, traj=0.5, rand=0.3)  # OGBench GCDataset value_p_* defaults
+NUM_EVAL_TASKS = 5
+
+
+# ----------------------------------------------------------------------------- names
+
+def check_dataset_name(name):
+    if name not in SUPPORTED_DATASETS:
+        raise UserError(f"unknown dataset {name!r}; supported: {', '.join(SUPPORTED_DATASETS)}")
+
+
+def dataset_kind(name):
+    return name.split("-")[-2]
+
+
+def env_name_of(name):
+    """'pointmaze-medium-navigate-v0' -> 'pointmaze-medium-v0' (OGBench drops the dataset type)."""
+    parts = name.split("-")
+    return "-".join(parts[:-2] + parts[-1:])
+
+
+def make_env(name, **env_kwargs):
+    check_dataset_name(name)
+    import ogbench  # noqa: F401  (registers the environments)
+    return gymnasium.make(env_name_of(name), **env_kwargs)
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Trajectories:
+    """Observations and actions of whole trajectories laid end to end, with each step's trajectory end."""
+    observations: np.ndarray   # (T, obs_dim) float32
+    actions: np.ndarray        # (T, action_dim) float32; the last action of a trajectory is never used
+    traj_ends: np.ndarray      # (T,) index of the last step of the trajectory each step belongs to
+
+    @classmethod
+    def from_terminals(cls, observations, actions, terminals, max_trajectories=None):
+        """Cut at `terminals` (True on the last step of each trajectory); keep the first N."""
+        ends = np.flatnonzero(terminals)
+        if len(ends) == 0 or ends[-1] != len(terminals) - 1:
+            ends = np.append(ends, len(terminals) - 1)  # an unterminated tail is a trajectory too
+        if max_trajectories is not None:
+            ends = ends[:max_trajectories]
+        size = ends[-1] + 1
+        lengths = np.diff(np.concatenate([[-1], ends]))
+        return cls(np.asarray(observations[:size], np.float32), np.asarray(actions[:size], np.float32),
+                   np.repeat(ends, lengths))
+
+    @property
+    def num_trajectories(self):
+        return len(np.unique(self.traj_ends))
+
+    def __len__(self):
+        return len(self.observations)
+
+    def trajectory_lengths(self):
+        ends = np.unique(self.traj_ends)
+        return np.diff(np.concatenate([[-1], ends]))
+
+    def append(self, observations, actions):
+        """Add one trajectory (used by the online replay buffer)."""
+        start = len(self)
+        self.observations = np.concatenate([self.observations, np.asarray(observations, np.float32)])
+        self.actions = np.concatenate([self.actions, np.asarray(actions, np.float32)])
+        self.traj_ends = np.concatenate([self.traj_ends, np.full(len(observations), start + len(observations) - 1)])
+
+
+def dataset_paths(name, dataset_dir):
+    base = os.path.join(os.path.expanduser(dataset_dir), name)
+    return base + ".npz", base + "-val.npz"
+
+
+def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
+    """(train, val) Trajectories through ogbench.make_env_and_datasets; download where possible."""
+    check_dataset_name(name)
+    import ogbench
+    train_path, val_path = dataset_paths(name, dataset_dir)
+    if not (os.path.exists(train_path) and os.path.exists(val_path)):
+        _download_or_explain(name, dataset_dir)
+    try:
+        train, val = ogbench.make_env_and_datasets(name, dataset_dir=os.path.expanduser(dataset_dir),
+                                                   dataset_only=True, compact_dataset=True)
+    except (KeyError, ValueError, OSError, EOFError) as error:
+        raise UserError(f"dataset file {train_path} (or its -val file) is corrupt or incomplete "
+                        f"({type(error).__name__}: {error}); delete it and download or generate it again") from None
+    return tuple(_to_trajectories(d, max_trajectories) for d in (train, val))
+
+
+def _to_trajectories(compact, max_trajectories):
+    # compact datasets keep every observation; valids == 0 marks each trajectory's last step
+    terminals = compact["valids"] == 0
+    return Trajectories.from_terminals(compact["observations"], compact["actions"], terminals, max_trajectories)
+
+
+def _download_or_explain(name, dataset_dir):
+    import ogbench
+    try:
+        ogbench.download_datasets([name], dataset_dir=os.path.expanduser(dataset_dir))
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        for path in dataset_paths(name, dataset_dir):
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise UserError(
+            f"dataset {name} is not in {dataset_dir}/ and could not be downloaded ({type(error).__name__}). "
+            f"Generate a local copy with `python ogbench_utils.py generate {name}` and pass "
+            f"--dataset_dir {GENERATED_DATASET_DIR}") from None
+
+
+# ----------------------------------------------------------------------------- windows and goals
+
+class WindowSampler:
+    """Batches of windows of consecutive steps inside one trajectory, with relabelled goals.
+
+    For every window position t (dataset index i):
+      future_offset  position of min(i + k, trajectory end, window end) in the window (k = subgoal_steps)
+      future_valid   the future is exactly k ahead, or the trajectory ended before
+      value_goals    OGBench value goals: current (0.2), same-trajectory future at a geometric offset
+                     with p = 1 - discount (0.5), random dataset state (0.3)
+      rewards/masks  success = (goal index == i), reward = success - 1, mask = 1 - success
+      kstep_returns  sum of discounted rewards over the k steps, stopping at success;
+      kstep_masks    0 if the goal is reached within the k steps (no bootstrap), else 1
+      kstep_discounts discount ** (future index - i)
+      actor_goals    same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
+      next_valid     t + 1 is inside the window
+    """
+
+    def __init__(self, data: Trajectories, context_length, subgoal_steps, discount, seed=0,
+                 goal_probs=VALUE_GOAL_PROBS):
+        if abs(sum(goal_probs.values()) - 1.0) > 1e-6:
+            raise ValueError(f"goal probabilities must sum to 1, got {goal_probs}")
+        self.data = data
+        self.subgoal_steps = subgoal_steps
+        self.discount = discount
+        self.goal_probs = goal_probs
+        self.rng = np.random.default_rng(seed)
+        self.requested_length = context_length
+        self.refresh()
+
+    def refresh(self):
+        """Recompute the valid window starts (after the data grew)."""
+        longest = int(self.data.trajectory_lengths().max())
+        self.window_length = min(self.requested_length, longest)
+        room = self.data.traj_ends - np.arange(len(self.data)) + 1
+        self.valid_starts = np.flatnonzero(room >= self.window_length)
+
+    def sample(self, batch_size, device="cpu"):
+        rng, k, gamma = self.rng, self.subgoal_steps, self.discount
+        starts = self.valid_starts[rng.integers(len(self.valid_starts), size=batch_size)]
+        idx = starts[:, None] + np.arange(self.window_length)                     # (B, W)
+        traj_end = self.data.traj_ends[idx]
+        window_end = starts[:, None] + self.window_length - 1
+        future = np.minimum(np.minimum(idx + k, traj_end), window_end)
+        steps_ahead = future - idx
+        future_valid = (steps_ahead == k) | ((future == traj_end) & (steps_ahead >= 1))
+
+        value_goals = self._value_goal_indices(idx, traj_end)
+        success = value_goals == idx
+        to_goal = np.where((value_goals >= idx) & (value_goals <= traj_end), value_goals - idx, np.iinfo(np.int64).max)
+        goal_within_k = to_goal < steps_ahead
+        reward_steps = np.minimum(to_goal, steps_ahead)
+        kstep_returns = -(1.0 - gamma ** reward_steps) / (1.0 - gamma)
+
+        uniform = rng.random(idx.shape)
+        actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
+
+        obs = self.data.observations
+        batch = dict(
+            observations=obs[idx], actions=self.data.actions[idx],
+            future_offset=future - starts[:, None], future_valid=future_valid,
+            value_goals=obs[value_goals], rewards=success.astype(np.float32) - 1.0,
+            masks=1.0 - success.astype(np.float32), successes=success,
+            kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
+            kstep_discounts=(gamma ** steps_ahead).astype(np.float32),
+            actor_goals=obs[actor_goals],
+            next_valid=np.broadcast_to(np.arange(self.window_length) < self.window_length - 1, idx.shape),
+            indices=idx, value_goal_indices=value_goals,
+        )
+        return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
+
+    def _value_goal_indices(self, idx, traj_end):
+        rng, p = self.rng, self.goal_probs
+        offsets = rng.geometric(p=1.0 - self.discount, size=idx.shape)         # in [1, inf)
+        traj_goals = np.minimum(idx + offsets, traj_end)
+        random_goals = rng.integers(len(self.data), size=idx.shape)
+        choice = rng.random(idx.shape)
+        goals = np.where(choice < p["cur"], idx, traj_goals)
+        return np.where(choice >= p["cur"] + p["traj"], random_goals, goals)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, num_tasks=NUM_EVAL_TASKS):
+    """OGBench's protocol, all episodes side by side: one batched `agent.act` call per step.
+
+    Returns {'success': overall mean, 'task{k}_success': per task, 'episode_length': mean}.
+    """
+    envs, goals, histories, task_of = [], [], [], []
+    for task_id in range(1, num_tasks + 1):
+        for episode in range(episodes_per_task):
+            env = make_env(dataset_name)
+            ob, info = env.reset(seed=seed * 100_003 + task_id * 1_000 + episode, options=dict(task_id=task_id))
+            envs.append(env)
+            goals.append(info["goal"])
+            histories.append([ob])
+            task_of.append(task_id)
+    n = len(envs)
+    max_steps = envs[0].spec.max_episode_steps
+    goals = np.asarray(goals, np.float32)
+    success, lengths = np.zeros(n), np.zeros(n)
+    active = np.arange(n)
+    context = agent.context_length
+    with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
+        for step in range(max_steps):
+            window = np.asarray([histories[i][-context:] for i in active], np.float32)
+            actions = agent.act(window, goals[active])
+            still_active = []
+            for i, action in zip(active, actions):
+                ob, _, terminated, truncated, info = envs[i].step(action)
+                histories[i].append(ob)
+                lengths[i] = step + 1
+                success[i] = max(success[i], info["success"])
+                if not (terminated or truncated):
+                    still_active.append(i)
+            active = np.asarray(still_active, dtype=np.int64)
+            bar.update(1)
+            bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
+            if len(active) == 0:
+                break
+    for env in envs:
+        env.close()
+    task_of = np.asarray(task_of)
+    result = {f"task{k}_success": float(success[task_of == k].mean()) for k in range(1, num_tasks + 1)}
+    result["success"] = float(np.mean([result[f"task{k}_success"] for k in range(1, num_tasks + 1)]))
+    result["episode_length"] = float(lengths.mean())
+    return result
+
+
+# ----------------------------------------------------------------------------- generation
+
+class OracleSubgoals:
+    """env.get_oracle_subgoal, cached: it depends only on the (start cell, goal cell) pair."""
+
+    def __init__(self, maze_env):
+        self.env = maze_env
+        self.cache = {}
+
+    def direction(self, xy, goal_xy):
+        key = (self.env.xy_to_ij(xy), self.env.xy_to_ij(goal_xy))
+        if key not in self.cache:
+            self.cache[key] = np.asarray(self.env.get_oracle_subgoal(xy, goal_xy)[0])
+        offset = self.cache[key] - xy
+        return offset / (np.linalg.norm(offset) + 1e-6)
+
+
+def maze_cells(maze_map):
+    """All free cells, and the 'vertex' cells (free cells that are not straight hallway)."""
+    free, vertex = [], []
+    for i, j in zip(*np.nonzero(maze_map == 0)):
+        free.append((int(i), int(j)))
+        vertical = maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
+        horizontal = maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+        if not (vertical or horizontal):
+            vertex.append((int(i), int(j)))
+    return free, vertex
+
+
+def cells_at_distance(maze_map, start, distance):
+    """Free cells exactly `distance` BFS steps from start."""
+    dist = {start: 0}
+    queue = [start]
+    while queue:
+        i, j = queue.pop(0)
+        for di, dj in ((-1, 0), (0, -1), (1, 0), (0, 1)):
+            cell = (i + di, j + dj)
+            if maze_map[cell] == 0 and cell not in dist:
+                dist[cell] = dist[(i, j)] + 1
+                queue.append(cell)
+    return [cell for cell, d in dist.items() if d == distance]
+
+
+def generate(name, episodes=None, max_steps=None, noise=None, seed=0, dataset_dir=None, progress=True):
+    """Write DIR/<name>.npz, DIR/<name>-val.npz (a tenth as many episodes) and DIR/<name>.json."""
+    check_dataset_name(name)
+    smoke = not name.startswith("pointmaze")
+    recipe = dict(SMOKE_RECIPE if smoke else RECIPES[dataset_kind(name)])
+    recipe.update({k: v for k, v in dict(episodes=episodes, max_steps=max_steps, noise=noise).items() if v is not None})
+    if recipe["episodes"] < 1 or recipe["max_steps"] < 2 or recipe["noise"] < 0:
+        raise UserError(f"need episodes >= 1, max_steps >= 2, noise >= 0; got {recipe}")
+    dataset_dir = dataset_dir or GENERATED_DATASET_DIR
+    np.random.seed(seed)  # the maze environments draw their start and goal noise from numpy's global RNG
+    env = make_env(name, terminate_at_goal=False, max_episode_steps=recipe["max_steps"])
+    env.reset(seed=seed)
+    num_val = max(1, recipe["episodes"] // 10)
+    collect = _collect_smoke_episode if smoke else _collect_pointmaze_episode
+    columns = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    train_steps = 0
+    oracle = OracleSubgoals(env.unwrapped)
+    free, vertex = maze_cells(env.unwrapped.maze_map)
+    kind = dataset_kind(name)
+    for episode in tqdm(range(recipe["episodes"] + num_val), desc=f"generate {name}", disable=not progress):
+        steps = collect(env, kind, recipe["noise"], oracle, free, vertex, columns)
+        if episode < recipe["episodes"]:
+            train_steps += steps
+    env.close()
+    _write_generated(name, dataset_dir, columns, train_steps, dict(
+        generator="ogbench_utils.py generate",
+        recipe=("random actions: SMOKE DATA for tests, not a benchmark" if smoke else
+                "OGBench pointmaze recipe: unit direction to env.get_oracle_subgoal + Gaussian noise, clipped"),
+        dataset=name, kind=kind, seed=seed, noise=recipe["noise"], episodes=recipe["episodes"],
+        val_episodes=num_val, max_steps=recipe["max_steps"], smoke=smoke,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    return dataset_paths(name, dataset_dir)
+
+
+def _collect_pointmaze_episode(env, kind, noise, oracle, free, vertex, columns):
+    maze = env.unwrapped
+    init = free[np.random.randint(len(free))]
+    if kind == "stitch":
+        near = cells_at_distance(maze.maze_map, init, STITCH_CELLS)
+        goal = near[np.random.randint(len(near))] if near else init
+    else:
+        goal = vertex[np.random.randint(len(vertex))]
+    ob, _ = env.reset(options=dict(task_info=dict(init_ij=init, goal_ij=goal)))
+    direction, step, done = None, 0, False
+    while not done:
+        if kind == "explore":
+            if step % EXPLORE_DIRECTION_STEPS == 0:
+                direction = np.random.randn(2)
+                direction /= np.linalg.norm(direction) + 1e-6
+        else:
+            direction = oracle.direction(maze.get_xy(), maze.cur_goal_xy)
+        action = np.clip(direction + np.random.normal(0, noise, 2), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if info["success"] and kind == "navigate":  # navigate: a new goal whenever one is reached
+            maze.set_goal(vertex[np.random.randint(len(vertex))])
+        _append_step(columns, ob, action, done, info)
+        ob, step = next_ob, step + 1
+    return step
+
+
+def _collect_smoke_episode(env, kind, noise, oracle, free, vertex, columns):
+    ob, _ = env.reset()
+    step, done = 0, False
+    while not done:
+        action = env.action_space.sample()
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        _append_step(columns, ob, action, done, info)
+        ob, step = next_ob, step + 1
+    return step
+
+
+def _append_step(columns, ob, action, done, info):
+    columns["observations"].append(ob)
+    columns["actions"].append(action)
+    columns["terminals"].append(done)
+    columns["qpos"].append(info["prev_qpos"])
+    columns["qvel"].append(info["prev_qvel"])
+
+
+def _write_generated(name, dataset_dir, columns, train_steps, provenance):
+    dtypes = dict(observations=np.float32, actions=np.float32, terminals=bool, qpos=np.float32, qvel=np.float32)
+    arrays = {k: np.asarray(v, dtype=dtypes[k]) for k, v in columns.items()}
+    train_path, val_path = dataset_paths(name, dataset_dir)
+    os.makedirs(os.path.dirname(train_path), exist_ok=True)
+    for path, part in ((train_path, slice(0, train_steps)), (val_path, slice(train_steps, None))):
+        tmp = path[:-4] + ".partial.npz"   # np.savez appends .npz to other names
+        np.savez_compressed(tmp, **{k: v[part] for k, v in arrays.items()})
+        os.replace(tmp, path)
+    provenance["train_steps"] = int(train_steps)
+    provenance["val_steps"] = int(len(arrays["terminals"]) - train_steps)
+    write_json(train_path[:-4] + ".json", provenance)
+
+
+def read_provenance(name, dataset_dir):
+    path = dataset_paths(name, dataset_dir)[0][:-4] + ".json"
+    if not os.path.exists(path):
+        return None
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="OGBench datasets for OPSO.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate an OGBench-format dataset locally (no internet needed)")
+    gen.add_argument("dataset", help=f"dataset name, one of: {', '.join(SUPPORTED_DATASETS)}")
+    gen.add_argument("--episodes", type=positive_int, default=None,
+                     help="training episodes (default: OGBench's size, e.g. 1000 for navigate, 5000 for stitch)")
+    gen.add_argument("--max_steps", type=positive_int, default=None,
+                     help="steps per episode (default: 1001 navigate, 201 stitch, 501 explore)")
+    gen.add_argument("--noise", type=non_negative_float, default=None,
+                     help="std of the Gaussian action noise (default: 0.5; 1.0 for explore)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed")
+    gen.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR, help="output folder")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    paths = generate(args.dataset, args.episodes, args.max_steps, args.noise, args.seed, args.dataset_dir)
+    print(f"wrote {paths[0]}, {paths[1]} and {paths[0][:-4]}.json")
+    print(f"train with: python offline_trainer.py --dataset {args.dataset} --dataset_dir {args.dataset_dir}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
