@@ -64,6 +64,7 @@ def atomic_write(path, write_fn, suffix=".tmp"):
     os.close(fd)
     try:
         write_fn(tmp_path)
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):

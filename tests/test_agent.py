@@ -1,0 +1,110 @@
+"""Losses on hand-computed cases, the EMA rule, learning on a fixed batch, acting and checkpoints."""
+import math
+
+import numpy as np
+import torch
+
+from offline_agent import AgentConfig, OfflineAgent, advantage_weights, expectile_loss, info_nce_loss
+from ogbench_utils import Trajectories, WindowSampler
+from utils import load_checkpoint, save_checkpoint
+
+SMALL = dict(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
+             context_length=12, subgoal_steps=3, mamba_backend="torch")
+
+
+def small_agent(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return OfflineAgent(AgentConfig(**dict(SMALL, **overrides)))
+
+
+def small_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = [30, 40, 50]
+    terminals = np.zeros(sum(lengths), bool)
+    terminals[np.cumsum(lengths) - 1] = True
+    obs = np.cumsum(rng.normal(size=(sum(lengths), 2)), 0).astype(np.float32)
+    actions = np.clip(rng.normal(size=(sum(lengths), 2)), -1, 1).astype(np.float32)
+    data = Trajectories.from_terminals(obs, actions, terminals)
+    return data, WindowSampler(data, 12, 3, 0.99, seed=seed).sample(8)
+
+
+def test_expectile_loss_hand_computed():
+    diff = torch.tensor([2.0, -2.0, 0.0])
+    torch.testing.assert_close(expectile_loss(diff, 0.9), torch.tensor([0.9 * 4, 0.1 * 4, 0.0]))
+
+
+def test_advantage_weights_are_exponential_and_clipped():
+    weights = advantage_weights(torch.tensor([0.0, 1.0, 10.0]), beta=2.0, max_weight=100.0)
+    torch.testing.assert_close(weights, torch.tensor([1.0, math.exp(2.0), 100.0]))
+
+
+def test_info_nce_hand_computed():
+    anchors = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    positives = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    loss, accuracy = info_nce_loss(anchors, positives)
+    # each row: logits (0, -1) with the right answer first -> -log(1 / (1 + e^-1))
+    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-1))))
+    assert accuracy == 1.0
+
+
+def test_targets_move_by_the_ema_rule():
+    agent = small_agent(tau=0.25)
+    before = [p.clone() for p in agent.targets["q1"].parameters()]
+    with torch.no_grad():
+        for p in agent.heads.q1.parameters():
+            p.add_(1.0)
+    agent.update_targets()
+    for old, new, online in zip(before, agent.targets["q1"].parameters(), agent.heads.q1.parameters()):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * online)
+
+
+def test_update_lowers_the_losses_on_a_fixed_batch():
+    data, batch = small_batch()
+    agent = small_agent(lr=1e-3)
+    agent.set_normalization(data.observations)
+    first = agent.update(batch)
+    for _ in range(60):
+        last = agent.update(batch)
+    for key in ("critic/loss", "state/loss", "reward/loss", "inverse/action_mse"):
+        assert last[key] < first[key], key
+    assert agent.step == 61
+    assert {"critic/q_mean", "value/v_max", "inverse/advantage_mean", "infonce/accuracy"} <= set(first)
+
+
+def test_act_gives_actions_in_range_for_a_batch_of_environments():
+    agent = small_agent()
+    windows = np.random.default_rng(0).normal(size=(7, 5, 2)).astype(np.float32) * 10
+    actions = agent.act(windows, windows[:, -1] + 3)
+    assert actions.shape == (7, 2) and np.all(np.abs(actions) <= 1.0)
+
+
+def test_candidates_hold_the_proposal_noisy_copies_and_interpolations():
+    agent = small_agent(num_noisy_candidates=3, num_interpolations=4)
+    z, z_goal = torch.zeros(2, 8), torch.ones(2, 8)
+    candidates = agent.candidates(z, z_goal)
+    assert candidates.shape == (2, 1 + 3 + 4, 8)
+    torch.testing.assert_close(candidates[:, -1], z_goal)              # alpha = 1 reaches the goal
+    torch.testing.assert_close(candidates[:, 4], torch.full((2, 8), 0.1))
+
+
+def test_checkpoint_round_trips_to_the_same_actions(tmp_path):
+    data, batch = small_batch()
+    agent = small_agent()
+    agent.set_normalization(data.observations)
+    for _ in range(3):
+        agent.update(batch)
+    path = tmp_path / "agent.pth"
+    save_checkpoint(agent.state_dict(), path)
+    restored = OfflineAgent.from_checkpoint(load_checkpoint(path))
+    windows = data.observations[:10][None].repeat(4, 0)
+    torch.manual_seed(1)
+    expected = agent.act(windows, data.observations[20:24])
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(restored.act(windows, data.observations[20:24]), expected)
+    assert restored.step == 3
+    torch.testing.assert_close(restored.encoder.obs_mean, agent.encoder.obs_mean)
+    # the optimiser state came back too: one more identical update gives identical weights
+    agent.update(batch)
+    restored.update(batch)
+    for a, b in zip(agent.parameters(), restored.parameters()):
+        torch.testing.assert_close(a, b)

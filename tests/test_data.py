@@ -1,0 +1,147 @@
+"""Generated datasets, trajectories, windows and OGBench's goal relabelling conventions."""
+import json
+import os
+import urllib.error
+
+import numpy as np
+import ogbench
+import pytest
+
+import ogbench_utils
+from ogbench_utils import Trajectories, WindowSampler, generate, load_datasets
+from utils import UserError
+from conftest import TINY_DATASET
+
+
+def synthetic(lengths, obs_dim=3):
+    total = sum(lengths)
+    terminals = np.zeros(total, bool)
+    terminals[np.cumsum(lengths) - 1] = True
+    obs = np.arange(total, dtype=np.float32)[:, None].repeat(obs_dim, 1)  # observation i is i
+    return Trajectories.from_terminals(obs, np.zeros((total, 2), np.float32), terminals)
+
+
+def test_generated_files_load_with_ogbench_and_have_ogbench_format(tiny_dataset_dir):
+    path = os.path.join(tiny_dataset_dir, f"{TINY_DATASET}.npz")
+    raw = np.load(path)
+    assert raw["observations"].dtype == np.float32 and raw["actions"].dtype == np.float32
+    assert raw["terminals"].dtype == bool
+    assert raw["observations"].shape == (4 * 60, 2) and raw["qpos"].shape == (240, 2) and raw["qvel"].shape == (240, 2)
+    assert raw["terminals"].sum() == 4 and np.all(np.flatnonzero(raw["terminals"]) == np.arange(59, 240, 60))
+    assert np.abs(raw["actions"]).max() <= 1.0
+    loaded = ogbench.load_dataset(path)
+    assert loaded["observations"].shape == (4 * 59, 2)  # OGBench drops each trajectory's last observation
+    val = np.load(path.replace(".npz", "-val.npz"))
+    assert val["terminals"].sum() == 1
+    provenance = json.load(open(path.replace(".npz", ".json")))
+    assert provenance["generator"] == "ogbench_utils.py generate" and provenance["episodes"] == 4
+    assert provenance["smoke"] is False and provenance["seed"] == 0
+
+
+def test_stitch_episodes_start_four_cells_from_their_goal(tmp_path):
+    generate("pointmaze-medium-stitch-v0", episodes=3, max_steps=30, seed=1, dataset_dir=str(tmp_path), progress=False)
+    raw = np.load(tmp_path / "pointmaze-medium-stitch-v0.npz")
+    assert raw["terminals"].sum() == 3 and len(raw["terminals"]) == 90
+
+
+def test_load_datasets_cuts_trajectories_and_keeps_the_first_n(tiny_dataset_dir):
+    train, val = load_datasets(TINY_DATASET, tiny_dataset_dir, max_trajectories=3)
+    assert train.num_trajectories == 3 and len(train) == 180
+    assert list(train.trajectory_lengths()) == [60, 60, 60]
+    assert val.num_trajectories == 1
+
+
+def test_missing_dataset_offline_gives_one_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no internet")
+    monkeypatch.setattr(ogbench, "download_datasets", offline)
+    with pytest.raises(UserError, match="python ogbench_utils.py generate pointmaze-medium-navigate-v0"):
+        load_datasets(TINY_DATASET, str(tmp_path))
+
+
+def test_unknown_dataset_lists_supported_ones():
+    with pytest.raises(UserError, match="antmaze-medium-navigate-v0"):
+        load_datasets("antmaze-tiny-navigate-v0", "datasets")
+
+
+def test_windows_never_cross_a_trajectory_boundary():
+    data = synthetic([30, 12, 50, 25])
+    sampler = WindowSampler(data, context_length=12, subgoal_steps=5, discount=0.99, seed=0)
+    for _ in range(20):
+        batch = sampler.sample(64)
+        idx = batch["indices"].numpy()
+        ends = data.traj_ends[idx]
+        assert np.all(ends == ends[:, :1])                            # one trajectory per window
+        assert np.all(np.diff(idx, axis=1) == 1)                       # consecutive steps
+        future = np.take_along_axis(idx, batch["future_offset"].numpy(), axis=1)
+        assert np.all(future <= ends) and np.all(future >= idx)
+        valid = batch["future_valid"].numpy()
+        assert np.all((future - idx)[valid] <= 5)
+        assert np.all(((future - idx) == 5) | (future == ends) | ~valid)
+
+
+def test_short_trajectories_shrink_the_window():
+    sampler = WindowSampler(synthetic([8, 6]), context_length=100, subgoal_steps=3, discount=0.99)
+    assert sampler.window_length == 8
+    assert sampler.sample(4)["observations"].shape == (4, 8, 3)
+
+
+def test_goal_relabelling_frequencies_match_ogbench():
+    data = synthetic([1000] * 60)
+    sampler = WindowSampler(data, context_length=10, subgoal_steps=1, discount=0.9, seed=0)
+    idx, goals = [], []
+    for _ in range(40):
+        batch = sampler.sample(128)
+        idx.append(batch["indices"].numpy().ravel())
+        goals.append(batch["value_goal_indices"].numpy().ravel())
+    idx, goals = np.concatenate(idx), np.concatenate(goals)
+    same_future = (data.traj_ends[goals] == data.traj_ends[idx]) & (goals > idx)
+    n = len(idx)
+    tolerance = 4 * np.sqrt(0.25 / n) + 0.005  # 4 standard errors, plus random goals landing in the future
+    assert abs(np.mean(goals == idx) - 0.2) < tolerance
+    assert abs(np.mean(same_future) - 0.5) < tolerance
+    assert abs(np.mean(~same_future & (goals != idx)) - 0.3) < tolerance
+    offsets = (goals - idx)[same_future & (goals - idx < 200)]
+    assert abs(offsets.mean() - 1 / (1 - 0.9)) < 0.5                # geometric offset with p = 1 - discount
+
+
+def test_rewards_and_masks_follow_the_convention():
+    sampler = WindowSampler(synthetic([40, 40]), context_length=10, subgoal_steps=4, discount=0.9, seed=3)
+    batch = {k: v.numpy() for k, v in sampler.sample(256).items()}
+    success = batch["value_goal_indices"] == batch["indices"]
+    assert np.array_equal(batch["successes"], success)
+    assert np.array_equal(batch["rewards"], success - 1.0)
+    assert np.array_equal(batch["masks"], 1.0 - success)
+    np.testing.assert_array_equal(batch["value_goals"][..., 0], batch["value_goal_indices"])
+
+
+def test_kstep_return_stops_at_the_goal():
+    sampler = WindowSampler(synthetic([40]), context_length=10, subgoal_steps=4, discount=0.9, seed=0)
+    batch = {k: v.numpy() for k, v in sampler.sample(512).items()}
+    to_goal = batch["value_goal_indices"] - batch["indices"]
+    ahead = np.take_along_axis(batch["indices"], batch["future_offset"], 1) - batch["indices"]
+    for case, steps, mask in [(to_goal == 0, 0, 0.0), (to_goal == 2, 2, 0.0)]:
+        rows = case & (ahead == 4)
+        assert rows.any()
+        np.testing.assert_allclose(batch["kstep_returns"][rows], -(1 - 0.9 ** steps) / (1 - 0.9), rtol=1e-6)
+        assert np.all(batch["kstep_masks"][rows] == mask)
+    far = (to_goal > 4) & (ahead == 4)
+    np.testing.assert_allclose(batch["kstep_returns"][far], -(1 - 0.9 ** 4) / 0.1, rtol=1e-6)
+    assert np.all(batch["kstep_masks"][far] == 1.0)
+    np.testing.assert_allclose(batch["kstep_discounts"], 0.9 ** ahead, rtol=1e-6)
+
+
+def test_actor_goals_are_future_states_of_the_same_trajectory():
+    data = synthetic([30, 30, 30])
+    batch = WindowSampler(data, 10, 3, 0.99, seed=0).sample(128)
+    idx = batch["indices"].numpy()
+    goal_idx = batch["actor_goals"].numpy()[..., 0].astype(int)
+    ends = data.traj_ends[idx]
+    assert np.all((goal_idx >= np.minimum(idx + 1, ends)) & (goal_idx <= ends))
+
+
+def test_generator_command_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ogbench_utils.main(["generate", TINY_DATASET, "--episodes", "0"])
+    assert exit_info.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""The offline trainer end to end on a tiny generated dataset, and its one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import offline_trainer
+from conftest import TINY_DATASET
+from utils import load_checkpoint, read_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ["--dataset", TINY_DATASET, "--context_length", "20", "--d_model", "16", "--latent_dim", "8",
+            "--hidden_dim", "32", "--n_layers", "1", "--subgoal_steps", "5", "--batch_size", "4",
+            "--num_epochs", "2", "--updates_per_epoch", "3", "--eval_every", "2", "--eval_episodes", "1",
+            "--device", "cpu", "--no_progress"]
+
+
+def test_offline_trainer_writes_every_output(tiny_dataset_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir)])
+    for name in ("best_model.pth", "last_model.pth", "training_curves.png", "metrics.csv", "config.json"):
+        assert (save_dir / name).exists(), name
+    metrics = read_csv(save_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2] and list(metrics["step"]) == [3, 6]
+    assert 0.0 <= metrics["eval/success"][-1] <= 1.0
+    checkpoint = load_checkpoint(save_dir / "last_model.pth")
+    assert checkpoint["step"] == 6 and checkpoint["epoch"] == 2
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "offline_trainer.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_unknown_dataset_is_one_line_without_traceback():
+    result = run_cli("--dataset", "pointmaze-huge-navigate-v0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: unknown dataset") and "pointmaze-medium-navigate-v0" in result.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--lr", "-1"), ("--expectile", "1.5")])
+def test_impossible_flags_are_argparse_errors(flag, value):
+    result = run_cli(flag, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and flag in result.stderr
+
+
+def test_existing_run_is_not_overwritten_silently(tiny_dataset_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / "metrics.csv").write_text("epoch\n1\n")
+    result = run_cli(*TINY_RUN, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir))
+    assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
+    assert (save_dir / "metrics.csv").read_text() == "epoch\n1\n"
