@@ -285,6 +285,17 @@ class MambaEncoder(nn.Module):
             x = block(x)
         return self.to_latent(self.final_norm(x))
 
+    def allocate_inference_cache(self, batch_size):
+        """Per block (conv_state, ssm_state), for `step`."""
+        return [block.mixer.allocate_inference_cache(batch_size, max_seqlen=1) for block in self.blocks]
+
+    def step(self, observations, cache):
+        """One observation per sequence, (B, obs_dim) -> (B, latent_dim); equals forward's last position."""
+        x = self.embed(self.normalize(observations)).unsqueeze(1)
+        for block, (conv_state, ssm_state) in zip(self.blocks, cache):
+            x = x + block.mixer.step(block.norm(x), conv_state, ssm_state)[0]
+        return self.to_latent(self.final_norm(x)).squeeze(1)
+
     def encode_goals(self, goals):
         """Goals (..., obs_dim) as length-1 sequences: z_g = E([g]), shape (..., latent_dim)."""
         flat = goals.reshape(-1, 1, goals.shape[-1])

@@ -236,6 +236,14 @@ class OfflineAgent:
         z_next = self.search_subgoal(z, z_goal)
         return self.heads.action(z, z_next, z_goal).clamp(-1, 1).cpu().numpy()
 
+    def make_actor(self, goals, mode="recurrent", streams=2):
+        """A stateful greedy policy for a batch of episodes that all start now (see the actor classes)."""
+        if mode == "recurrent":
+            return RecurrentActor(self, goals, streams)
+        if mode == "window":
+            return WindowActor(self, goals)
+        raise ValueError(f"acting mode must be 'recurrent' or 'window', got {mode!r}")
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self):
@@ -261,3 +269,63 @@ class OfflineAgent:
         if (self.config.obs_dim, self.config.action_dim) != (obs_dim, action_dim):
             raise UserError(f"{source} was trained for observations of size {self.config.obs_dim} and actions of "
                             f"size {self.config.action_dim}, but the environment has {obs_dim} and {action_dim}")
+
+
+class WindowActor:
+    """Recomputes the encoder over the last L observations at every step: cost grows with L."""
+
+    def __init__(self, agent, goals):
+        self.agent, self.goals = agent, np.asarray(goals, np.float32)
+        self.history = None
+
+    def act(self, observations):
+        observations = np.asarray(observations, np.float32)[:, None]
+        if self.history is not None:
+            keep = self.agent.context_length - 1
+            observations = np.concatenate([self.history[:, max(0, self.history.shape[1] - keep):], observations], axis=1)
+        self.history = observations
+        return self.agent.act(self.history, self.goals)
+
+    def keep(self, rows):
+        """Keep only these episodes (the others ended)."""
+        self.history, self.goals = self.history[rows], self.goals[rows]
+
+
+class RecurrentActor:
+    """Constant cost per step with the encoder's recurrent step mode.
+
+    A recurrent state over the whole episode would see more history than any training window, so
+    `streams` recurrent states are restarted in turn, every L / streams steps; the policy reads the
+    oldest one. Its latent is exactly the encoder's output for the last c observations, with
+    c = t + 1 early on and then c in [L - L/streams + 1, L]: the contexts the training windows hold.
+    """
+
+    def __init__(self, agent, goals, streams=2):
+        self.agent = agent
+        length = agent.context_length
+        self.period = max(1, length // streams)
+        self.streams = max(1, min(streams, length))
+        goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=agent.device)
+        with torch.no_grad():
+            self.z_goal = agent.encoder.encode_goals(goals)
+        self.caches = [None] * self.streams
+        self.starts = [None] * self.streams
+        self.t = 0
+
+    @torch.no_grad()
+    def act(self, observations):
+        obs = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.agent.device)
+        if self.t % self.period == 0:                       # restart the stream whose turn it is
+            s = (self.t // self.period) % self.streams
+            self.caches[s], self.starts[s] = self.agent.encoder.allocate_inference_cache(len(obs)), self.t
+        latents = {s: self.agent.encoder.step(obs, cache) for s, cache in enumerate(self.caches) if cache is not None}
+        oldest = min(latents, key=lambda s: self.starts[s])
+        z = latents[oldest]
+        self.t += 1
+        z_next = self.agent.search_subgoal(z, self.z_goal)
+        return self.agent.heads.action(z, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+
+    def keep(self, rows):
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.agent.device)
+        self.z_goal = self.z_goal[rows]
+        self.caches = [None if c is None else [(conv[rows], ssm[rows]) for conv, ssm in c] for c in self.caches]

@@ -236,43 +236,46 @@ class WindowSampler:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, num_tasks=NUM_EVAL_TASKS):
-    """OGBench's protocol, all episodes side by side: one batched `agent.act` call per step.
+def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, num_tasks=NUM_EVAL_TASKS,
+             acting="recurrent"):
+    """OGBench's protocol, all episodes side by side: one batched policy call per step.
 
-    Returns {'success': overall mean, 'task{k}_success': per task, 'episode_length': mean}.
+    `agent.make_actor(goals, mode=acting)` gives the policy; episodes leave the batch when they end.
+    Returns {'success': mean over tasks, 'task{k}_success': per task, 'episode_length': mean}.
     """
-    envs, goals, histories, task_of = [], [], [], []
+    envs, goals, observations, task_of = [], [], [], []
     for task_id in range(1, num_tasks + 1):
         for episode in range(episodes_per_task):
             env = make_env(dataset_name)
             ob, info = env.reset(seed=seed * 100_003 + task_id * 1_000 + episode, options=dict(task_id=task_id))
             envs.append(env)
             goals.append(info["goal"])
-            histories.append([ob])
+            observations.append(ob)
             task_of.append(task_id)
     n = len(envs)
     max_steps = envs[0].spec.max_episode_steps
-    goals = np.asarray(goals, np.float32)
+    actor = agent.make_actor(np.asarray(goals, np.float32), mode=acting)
+    observations = np.asarray(observations, np.float32)
     success, lengths = np.zeros(n), np.zeros(n)
     active = np.arange(n)
-    context = agent.context_length
     with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
         for step in range(max_steps):
-            window = np.asarray([histories[i][-context:] for i in active], np.float32)
-            actions = agent.act(window, goals[active])
-            still_active = []
-            for i, action in zip(active, actions):
+            actions = actor.act(observations[active])
+            keep = []
+            for row, (i, action) in enumerate(zip(active, actions)):
                 ob, _, terminated, truncated, info = envs[i].step(action)
-                histories[i].append(ob)
+                observations[i] = ob
                 lengths[i] = step + 1
                 success[i] = max(success[i], info["success"])
                 if not (terminated or truncated):
-                    still_active.append(i)
-            active = np.asarray(still_active, dtype=np.int64)
+                    keep.append(row)
+            if len(keep) < len(active):
+                active = active[keep]
+                if len(active) == 0:
+                    break
+                actor.keep(np.asarray(keep))
             bar.update(1)
             bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
-            if len(active) == 0:
-                break
     for env in envs:
         env.close()
     task_of = np.asarray(task_of)

@@ -108,3 +108,33 @@ def test_checkpoint_round_trips_to_the_same_actions(tmp_path):
     restored.update(batch)
     for a, b in zip(agent.parameters(), restored.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_recurrent_actor_latents_equal_the_encoder_over_its_context():
+    """Stream restarts every L/2 steps: the latent used is E(last c observations), c in [L/2+1, L]."""
+    agent = small_agent(context_length=6)
+    obs = np.random.default_rng(0).normal(size=(3, 20, 2)).astype(np.float32)
+    actor = agent.make_actor(obs[:, -1], mode="recurrent", streams=2)
+    for t in range(20):
+        actor.act(obs[:, t])
+        start = min(s for s in actor.starts if s is not None)
+        if t >= 3:
+            assert 6 // 2 + 1 <= t - start + 1 <= 6
+        cache = [c for c, s in zip(actor.caches, actor.starts) if s == start][0]
+        with torch.no_grad():
+            expected = agent.encoder(torch.as_tensor(obs[:, start:t + 1]))[:, -1]
+            # re-run the oldest stream from its start to compare against the full forward
+            fresh = agent.encoder.allocate_inference_cache(3)
+            for j in range(start, t + 1):
+                z = agent.encoder.step(torch.as_tensor(obs[:, j]), fresh)
+        torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-5)
+        assert cache is not None
+
+
+def test_window_actor_matches_act_on_the_last_l_observations():
+    agent = small_agent(context_length=4, num_noisy_candidates=0)
+    obs = np.random.default_rng(1).normal(size=(2, 9, 2)).astype(np.float32)
+    actor = agent.make_actor(obs[:, -1], mode="window")
+    for t in range(9):
+        action = actor.act(obs[:, t])
+    np.testing.assert_allclose(action, agent.act(obs[:, 5:9], obs[:, -1]), rtol=1e-5, atol=1e-6)
