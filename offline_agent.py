@@ -131,16 +131,18 @@ class OfflineAgent:
         return loss, {"value/loss": loss, "value/v_mean": masked_mean(v, valid),
                       "value/v_min": v[valid > 0].min(), "value/v_max": v[valid > 0].max()}
 
-    def infonce_loss(self, z, z_actor_goal):
+    def infonce_loss(self, z, z_actor_goal, step_valid):
         flat_z, flat_g = z.reshape(-1, z.shape[-1]), z_actor_goal.reshape(-1, z.shape[-1])
-        rows = torch.randperm(len(flat_z), device=z.device)[:INFONCE_SAMPLES]
+        valid_rows = torch.nonzero(step_valid.reshape(-1)).squeeze(1)
+        rows = valid_rows[torch.randperm(len(valid_rows), device=z.device)[:INFONCE_SAMPLES]]
         loss, accuracy = info_nce_loss(flat_z[rows], flat_g[rows])
         return loss, {"infonce/loss": loss, "infonce/accuracy": accuracy}
 
     def state_loss(self, z, batch):
         obs = self.encoder.normalize(batch["observations"])
         predicted_delta = self.heads.state(z[:, :-1], batch["actions"][:, :-1])
-        loss = (predicted_delta - (obs[:, 1:] - obs[:, :-1])).square().mean()
+        error = (predicted_delta - (obs[:, 1:] - obs[:, :-1])).square().mean(-1)
+        loss = masked_mean(error, batch["next_valid"][:, :-1].float())
         return loss, {"state/loss": loss}
 
     def reward_loss(self, z, z_next, z_goal, batch, valid):
@@ -176,7 +178,7 @@ class OfflineAgent:
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(z, z_next, z_value_goal, batch, valid)
         value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
-        infonce, infonce_info = self.infonce_loss(z, z_actor_goal)
+        infonce, infonce_info = self.infonce_loss(z, z_actor_goal, batch["step_valid"])
         state, state_info = self.state_loss(z, batch)
         reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
         inverse, proposer, policy_info = self.policy_losses(z, z_next, z_actor_goal, batch, valid)
@@ -314,16 +316,21 @@ class RecurrentActor:
 
     @torch.no_grad()
     def act(self, observations):
+        z = self.latent(observations)
+        z_next = self.agent.search_subgoal(z, self.z_goal)
+        return self.agent.heads.action(z, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def latent(self, observations):
+        """Feed one observation per episode; the latent of the oldest stream."""
         obs = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.agent.device)
         if self.t % self.period == 0:                       # restart the stream whose turn it is
             s = (self.t // self.period) % self.streams
             self.caches[s], self.starts[s] = self.agent.encoder.allocate_inference_cache(len(obs)), self.t
         latents = {s: self.agent.encoder.step(obs, cache) for s, cache in enumerate(self.caches) if cache is not None}
         oldest = min(latents, key=lambda s: self.starts[s])
-        z = latents[oldest]
         self.t += 1
-        z_next = self.agent.search_subgoal(z, self.z_goal)
-        return self.agent.heads.action(z, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+        return latents[oldest]
 
     def keep(self, rows):
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.agent.device)

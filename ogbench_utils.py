@@ -79,6 +79,8 @@ class Trajectories:
     observations: np.ndarray   # (T, obs_dim) float32
     actions: np.ndarray        # (T, action_dim) float32; the last action of a trajectory is never used
     traj_ends: np.ndarray      # (T,) index of the last step of the trajectory each step belongs to
+    commanded_goals: np.ndarray = None  # online episodes only: (T, obs_dim) the goal the agent was given
+    reached: np.ndarray = None          # online episodes only: (T,) the environment's success at this step
 
     @classmethod
     def from_terminals(cls, observations, actions, terminals, max_trajectories=None):
@@ -104,12 +106,20 @@ class Trajectories:
         ends = np.unique(self.traj_ends)
         return np.diff(np.concatenate([[-1], ends]))
 
-    def append(self, observations, actions):
-        """Add one trajectory (used by the online replay buffer)."""
-        start = len(self)
+    @classmethod
+    def empty(cls, obs_dim, action_dim):
+        return cls(np.zeros((0, obs_dim), np.float32), np.zeros((0, action_dim), np.float32),
+                   np.zeros(0, np.int64), np.zeros((0, obs_dim), np.float32), np.zeros(0, bool))
+
+    def append(self, observations, actions, commanded_goal, reached):
+        """Add one online episode: its observations, actions, the goal it was given and the env's success."""
+        start, length = len(self), len(observations)
         self.observations = np.concatenate([self.observations, np.asarray(observations, np.float32)])
         self.actions = np.concatenate([self.actions, np.asarray(actions, np.float32)])
-        self.traj_ends = np.concatenate([self.traj_ends, np.full(len(observations), start + len(observations) - 1)])
+        self.traj_ends = np.concatenate([self.traj_ends, np.full(length, start + length - 1)])
+        goals = np.repeat(np.asarray(commanded_goal, np.float32)[None], length, axis=0)
+        self.commanded_goals = np.concatenate([self.commanded_goals, goals])
+        self.reached = np.concatenate([self.reached, np.asarray(reached, bool)])
 
 
 def dataset_paths(name, dataset_dir):
@@ -158,69 +168,97 @@ def _download_or_explain(name, dataset_dir):
 class WindowSampler:
     """Batches of windows of consecutive steps inside one trajectory, with relabelled goals.
 
-    For every window position t (dataset index i):
-      future_offset  position of min(i + k, trajectory end, window end) in the window (k = subgoal_steps)
-      future_valid   the future is exactly k ahead, or the trajectory ended before
-      value_goals    OGBench value goals: current (0.2), same-trajectory future at a geometric offset
-                     with p = 1 - discount (0.5), random dataset state (0.3)
-      rewards/masks  success = (goal index == i), reward = success - 1, mask = 1 - success
-      kstep_returns  sum of discounted rewards over the k steps, stopping at success;
-      kstep_masks    0 if the goal is reached within the k steps (no bootstrap), else 1
-      kstep_discounts discount ** (future index - i)
-      actor_goals    same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
-      next_valid     t + 1 is inside the window
+    Windows have `context_length` positions; a trajectory shorter than that gives one window padded
+    with its last step, and the padding is marked invalid (`step_valid` False). For every position t
+    (dataset index i):
+      future_offset   position of min(i + k, window end) in the window (k = subgoal_steps)
+      future_valid    the future is exactly k ahead, or the trajectory ended before
+      value_goals     OGBench value goals: current (0.2), same-trajectory future at a geometric offset
+                      with p = 1 - discount (0.5), random dataset state (0.3); on online data a share
+                      `commanded_goal_prob` of them is replaced by the goal the agent was given
+      rewards/masks   success = (goal index == i) (or the env's success for commanded goals),
+                      reward = success - 1, mask = 1 - success
+      kstep_returns   discounted rewards over the k steps, stopping at success; kstep_masks 0 if the goal
+                      is reached within them (no bootstrap), else 1; kstep_discounts = discount ** steps
+      actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
+      next_valid      t + 1 is inside the window and the trajectory
     """
 
     def __init__(self, data: Trajectories, context_length, subgoal_steps, discount, seed=0,
-                 goal_probs=VALUE_GOAL_PROBS):
+                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0):
         if abs(sum(goal_probs.values()) - 1.0) > 1e-6:
             raise ValueError(f"goal probabilities must sum to 1, got {goal_probs}")
         self.data = data
+        self.window_length = context_length
         self.subgoal_steps = subgoal_steps
         self.discount = discount
         self.goal_probs = goal_probs
+        self.commanded_goal_prob = commanded_goal_prob
         self.rng = np.random.default_rng(seed)
-        self.requested_length = context_length
         self.refresh()
 
     def refresh(self):
-        """Recompute the valid window starts (after the data grew)."""
-        longest = int(self.data.trajectory_lengths().max())
-        self.window_length = min(self.requested_length, longest)
-        room = self.data.traj_ends - np.arange(len(self.data)) + 1
-        self.valid_starts = np.flatnonzero(room >= self.window_length)
+        """Recompute the window starts (after the data grew)."""
+        n = len(self.data)
+        positions = np.arange(n)
+        room = self.data.traj_ends - positions + 1
+        is_start = np.r_[True, self.data.traj_ends[:-1] == positions[:-1]] if n else np.zeros(0, bool)
+        self.valid_starts = np.flatnonzero((room >= self.window_length) | (is_start & (room < self.window_length)))
+        if self.data.reached is not None:
+            self.next_reached = self._next_reached()
+
+    def _next_reached(self):
+        """For each step, the first step at or after it (same episode) where the env reported success."""
+        never = np.iinfo(np.int64).max
+        result = np.full(len(self.data), never, np.int64)
+        upcoming = never
+        for i in range(len(self.data) - 1, -1, -1):
+            if self.data.traj_ends[i] == i:
+                upcoming = never
+            if self.data.reached[i]:
+                upcoming = i
+            result[i] = upcoming
+        return result
 
     def sample(self, batch_size, device="cpu"):
         rng, k, gamma = self.rng, self.subgoal_steps, self.discount
         starts = self.valid_starts[rng.integers(len(self.valid_starts), size=batch_size)]
-        idx = starts[:, None] + np.arange(self.window_length)                     # (B, W)
-        traj_end = self.data.traj_ends[idx]
-        window_end = starts[:, None] + self.window_length - 1
-        future = np.minimum(np.minimum(idx + k, traj_end), window_end)
+        positions = starts[:, None] + np.arange(self.window_length)               # (B, W)
+        traj_end = self.data.traj_ends[starts][:, None]
+        step_valid = positions <= traj_end
+        idx = np.minimum(positions, traj_end)
+        window_end = np.minimum(starts[:, None] + self.window_length - 1, traj_end)
+        future = np.minimum(idx + k, window_end)
         steps_ahead = future - idx
-        future_valid = (steps_ahead == k) | ((future == traj_end) & (steps_ahead >= 1))
+        future_valid = step_valid & (steps_ahead >= 1) & ((steps_ahead == k) | (future == traj_end))
 
-        value_goals = self._value_goal_indices(idx, traj_end)
-        success = value_goals == idx
-        to_goal = np.where((value_goals >= idx) & (value_goals <= traj_end), value_goals - idx, np.iinfo(np.int64).max)
+        goal_idx = self._value_goal_indices(idx, traj_end)
+        obs = self.data.observations
+        value_goals = obs[goal_idx]
+        success = goal_idx == idx
+        to_goal = np.where((goal_idx >= idx) & (goal_idx <= traj_end), goal_idx - idx, np.iinfo(np.int64).max)
+        if self.commanded_goal_prob > 0:
+            commanded = rng.random(idx.shape) < self.commanded_goal_prob
+            value_goals[commanded] = self.data.commanded_goals[idx[commanded]]
+            success = np.where(commanded, self.data.reached[idx], success)
+            to_goal = np.where(commanded, self.next_reached[idx] - idx, to_goal)
+            to_goal[commanded & (self.next_reached[idx] == np.iinfo(np.int64).max)] = np.iinfo(np.int64).max
+            goal_idx = np.where(commanded, -1, goal_idx)
         goal_within_k = to_goal < steps_ahead
-        reward_steps = np.minimum(to_goal, steps_ahead)
-        kstep_returns = -(1.0 - gamma ** reward_steps) / (1.0 - gamma)
+        kstep_returns = -(1.0 - gamma ** np.minimum(to_goal, steps_ahead)) / (1.0 - gamma)
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
 
-        obs = self.data.observations
         batch = dict(
-            observations=obs[idx], actions=self.data.actions[idx],
+            observations=obs[idx], actions=self.data.actions[idx], step_valid=step_valid,
             future_offset=future - starts[:, None], future_valid=future_valid,
-            value_goals=obs[value_goals], rewards=success.astype(np.float32) - 1.0,
+            value_goals=value_goals, rewards=success.astype(np.float32) - 1.0,
             masks=1.0 - success.astype(np.float32), successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
             kstep_discounts=(gamma ** steps_ahead).astype(np.float32),
-            actor_goals=obs[actor_goals],
-            next_valid=np.broadcast_to(np.arange(self.window_length) < self.window_length - 1, idx.shape),
-            indices=idx, value_goal_indices=value_goals,
+            actor_goals=obs[actor_goals], next_valid=step_valid & (positions < window_end),
+            indices=idx, value_goal_indices=goal_idx,
         )
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
 
@@ -232,6 +270,11 @@ class WindowSampler:
         choice = rng.random(idx.shape)
         goals = np.where(choice < p["cur"], idx, traj_goals)
         return np.where(choice >= p["cur"] + p["traj"], random_goals, goals)
+
+
+def concat_batches(first, second):
+    """One batch of windows from two samplers (offline and online), along the batch axis."""
+    return {key: torch.cat([first[key], second[key]]) for key in first}
 
 
 # ----------------------------------------------------------------------------- evaluation

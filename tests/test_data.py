@@ -80,10 +80,22 @@ def test_windows_never_cross_a_trajectory_boundary():
         assert np.all(((future - idx) == 5) | (future == ends) | ~valid)
 
 
-def test_short_trajectories_shrink_the_window():
-    sampler = WindowSampler(synthetic([8, 6]), context_length=100, subgoal_steps=3, discount=0.99)
-    assert sampler.window_length == 8
-    assert sampler.sample(4)["observations"].shape == (4, 8, 3)
+def test_short_trajectories_give_padded_windows_marked_invalid():
+    data = synthetic([8, 6, 30])
+    sampler = WindowSampler(data, context_length=10, subgoal_steps=3, discount=0.99, seed=0)
+    for _ in range(10):
+        batch = {k: v.numpy() for k, v in sampler.sample(32).items()}
+        assert batch["observations"].shape == (32, 10, 3)
+        lengths = batch["step_valid"].sum(1)
+        assert set(lengths) <= {8, 6, 10}
+        ends = data.traj_ends[batch["indices"]]
+        assert np.all(ends == ends[:, :1])
+        assert not np.any(batch["future_valid"] & ~batch["step_valid"])
+        assert not np.any(batch["next_valid"] & ~batch["step_valid"])
+        short = lengths < 10
+        # the last real step of a short window has no next step and no future
+        last = lengths[short] - 1
+        assert not np.any(batch["next_valid"][short, last])
 
 
 def test_goal_relabelling_frequencies_match_ogbench():

@@ -1,0 +1,211 @@
+"""Online OPSO fine-tuning: offline checkpoint -> exploring episodes in the OGBench environment -> updates on
+a mix of offline and online windows -> periodic greedy evaluation.
+
+    python online_trainer.py --dataset pointmaze-medium-navigate-v0 --dataset_dir datasets/generated \
+        --checkpoint runs/offline/best_model.pth --max_episodes 300
+    python online_trainer.py --dataset antmaze-medium-navigate-v0 --max_episodes 1000 --batch_size 8
+
+Outputs in --save_dir: online_metrics.csv (one row per episode; row 0 is the checkpoint before any
+online step), online_training_curves.png, best_online_model.pth (by greedy evaluation),
+last_online_model.pth, config.json.
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from offline_trainer import add_run_flags, positive_int, positive_float, prepare_save_dir, unit_float
+from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
+                           load_datasets, make_env, maze_cells)
+from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
+from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, resolve_device,
+                   save_checkpoint, set_seed, write_json)
+
+RUN_FILES = ("online_metrics.csv", "last_online_model.pth", "best_online_model.pth", "config.json",
+             "online_training_curves.png")
+COLUMNS = ["episode", "step", "env_steps", "online/success", "online/episode_reward", "online/episode_length",
+           "exploration/epsilon", "exploration/action_noise", "exploration/explored_fraction", "train/total_loss",
+           "critic/loss", "value/loss", "inverse/loss", "infonce/loss", "train/online_windows",
+           "eval/success"] + [f"eval/task{k}_success" for k in range(1, NUM_EVAL_TASKS + 1)] + ["time/elapsed_s"]
+CURVE_PANELS = [("train loss", ["train/total_loss"]), ("episode success", ["online/success"]),
+                ("episode reward", ["online/episode_reward"]), ("epsilon", ["exploration/epsilon"]),
+                ("action noise", ["exploration/action_noise"]), ("greedy evaluation success", ["eval/success"])]
+SUCCESS_SMOOTHING = 20  # episodes in the moving average of the logged online success
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Online OPSO fine-tuning from an offline checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_flags(parser)
+    parser.add_argument("--checkpoint", default="runs/offline/best_model.pth", help="offline checkpoint to start from")
+    parser.add_argument("--max_trajectories", type=positive_int, default=None,
+                        help="offline trajectories kept for the offline share of each batch (default: all)")
+    parser.add_argument("--max_episodes", type=positive_int, default=1000, help="online episodes")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="windows per update")
+    parser.add_argument("--updates_per_episode", type=int, default=10,
+                        help="gradient updates after each episode (0 to only collect)")
+    parser.add_argument("--online_ratio", type=unit_float, default=0.5,
+                        help="share of each batch's windows drawn from the online buffer (once it holds data)")
+    parser.add_argument("--commanded_goal_prob", type=unit_float, default=0.2,
+                        help="share of online value goals replaced by the episode's own goal and the env's success")
+    parser.add_argument("--online_lr", type=positive_float, default=None,
+                        help="learning rate from the offline-to-online switch (default: the checkpoint's)")
+    parser.add_argument("--epsilon_start", type=unit_float, default=0.30, help="goal-biased exploration rate, start")
+    parser.add_argument("--epsilon_end", type=unit_float, default=0.05, help="goal-biased exploration rate, end")
+    parser.add_argument("--action_noise_start", type=unit_float, default=0.20, help="Gaussian action noise std, start")
+    parser.add_argument("--action_noise_end", type=unit_float, default=0.05, help="Gaussian action noise std, end")
+    parser.add_argument("--goal_source", choices=["tasks", "random"], default="tasks",
+                        help="online goals: the five evaluation tasks in turn, or random maze cells")
+    parser.add_argument("--eval_every", type=positive_int, default=50, help="greedy evaluation every N episodes")
+    parser.add_argument("--save_dir", default="runs/online", help="output folder")
+    return parser
+
+
+def check_schedules(parser, args):
+    if args.epsilon_end > args.epsilon_start:
+        parser.error(f"--epsilon_end ({args.epsilon_end}) must not exceed --epsilon_start ({args.epsilon_start})")
+    if args.action_noise_end > args.action_noise_start:
+        parser.error("--action_noise_end must not exceed --action_noise_start")
+
+
+def reset_for_goal(env, episode, goal_source, rng, seed):
+    """Reset one episode: the evaluation tasks in turn, or a random start and goal cell."""
+    if goal_source == "tasks":
+        options = dict(task_id=(episode - 1) % NUM_EVAL_TASKS + 1)
+    else:
+        free, _ = maze_cells(env.unwrapped.maze_map)
+        init, goal = rng.choice(len(free), size=2, replace=False)
+        options = dict(task_info=dict(init_ij=free[init], goal_ij=free[goal]))
+    ob, info = env.reset(seed=seed, options=options)
+    return ob, info["goal"]
+
+
+def run_episode(env, actor, ob):
+    """One exploring episode; returns observations, actions (last one unused), reached flags, reward."""
+    observations, actions, reached, reward_sum = [ob], [], [False], 0.0
+    done = False
+    while not done:
+        action = actor.act(ob[None])[0]
+        ob, reward, terminated, truncated, info = env.step(action)
+        observations.append(ob)
+        actions.append(action)
+        reached.append(bool(info["success"]))
+        reward_sum += reward
+        done = terminated or truncated
+    actions.append(np.zeros_like(actions[-1]))
+    return np.asarray(observations), np.asarray(actions), np.asarray(reached), reward_sum
+
+
+def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device):
+    n_online = online_fraction_of_batch(batch_size, online_ratio, len(online_sampler.data))
+    if n_online == 0:
+        return offline_sampler.sample(batch_size, device), 0
+    if n_online == batch_size:
+        return online_sampler.sample(batch_size, device), n_online
+    return concat_batches(offline_sampler.sample(batch_size - n_online, device),
+                          online_sampler.sample(n_online, device)), n_online
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_schedules(parser, args)
+    check_dataset_name(args.dataset)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, map_location=device)
+    env = make_env(args.dataset)
+    agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
+    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
+    prepare_save_dir(args.save_dir, resume=False, overwrite=args.overwrite, run_files=RUN_FILES)
+    set_seed(args.seed)
+    write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
+    offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
+    c = agent.config
+    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed)
+    online_data = Trajectories.empty(c.obs_dim, c.action_dim)
+    online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
+                                   commanded_goal_prob=args.commanded_goal_prob)
+    agent.start_online(args.online_lr or c.lr)
+
+    logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"))
+    paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
+    start = time.time()
+    initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+    best_success = initial["success"]
+    save_checkpoint(online_checkpoint(agent, 0, best_success, args), paths["best"])
+    log_row(logger, args, dict(episode=0, step=agent.step, env_steps=0, **eval_columns(initial)), start)
+    tqdm.write(f"checkpoint {args.checkpoint}: greedy success {best_success:.3f} before online fine-tuning")
+
+    rng = np.random.default_rng(args.seed)
+    recent_success, env_steps = [], 0
+    bar = tqdm(range(1, args.max_episodes + 1), desc="online", disable=args.no_progress)
+    for episode in bar:
+        epsilon, noise = exploration_schedule(vars(args), episode - 1, args.max_episodes)
+        ob, goal = reset_for_goal(env, episode, args.goal_source, rng, seed=args.seed * 1_000_003 + episode)
+        actor = agent.make_explorer(np.asarray(goal, np.float32)[None], epsilon, noise)
+        observations, actions, reached, reward = run_episode(env, actor, ob)
+        online_data.append(observations, actions, goal, reached)
+        online_sampler.refresh()
+        env_steps += len(actions) - 1
+        infos, online_windows = [], []
+        for _ in range(args.updates_per_episode):
+            batch, n_online = mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
+            infos.append(agent.update(batch))
+            online_windows.append(n_online)
+        check_finite(infos, agent.step)
+        recent_success = (recent_success + [float(reached.any())])[-SUCCESS_SMOOTHING:]
+        row = dict(episode=episode, step=agent.step, env_steps=env_steps, **{
+            "online/success": float(reached.any()), "online/episode_reward": reward,
+            "online/episode_length": len(actions) - 1, "exploration/epsilon": epsilon,
+            "exploration/action_noise": noise,
+            "exploration/explored_fraction": actor.explored_steps / max(1, len(actions) - 1),
+            "train/online_windows": float(np.mean(online_windows)) if online_windows else 0.0})
+        if infos:
+            row.update({k: float(np.mean([i[k] for i in infos])) for k in
+                        ("train/total_loss", "critic/loss", "value/loss", "inverse/loss", "infonce/loss")})
+        if episode % args.eval_every == 0 or episode == args.max_episodes:
+            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+            row.update(eval_columns(result))
+            if result["success"] > best_success:
+                best_success = result["success"]
+                save_checkpoint(online_checkpoint(agent, episode, best_success, args), paths["best"])
+            tqdm.write(f"episode {episode}: greedy success {result['success']:.3f} (best {best_success:.3f})")
+        save_checkpoint(online_checkpoint(agent, episode, best_success, args), paths["last"])
+        log_row(logger, args, row, start)
+        bar.set_postfix(success=f"{np.mean(recent_success):.2f}", eps=f"{epsilon:.2f}",
+                        loss=f"{row.get('train/total_loss', float('nan')):.2f}")
+    env.close()
+    return best_success
+
+
+def eval_columns(result):
+    return {f"eval/{k}": result[k] for k in ["success"] + [f"task{i}_success" for i in range(1, NUM_EVAL_TASKS + 1)]}
+
+
+def check_finite(infos, step):
+    for key, value in (infos[-1].items() if infos else ()):
+        if not math.isfinite(value):
+            raise UserError(f"non-finite {key} at step {step}; stopping (the last good checkpoint is kept)")
+
+
+def log_row(logger, args, row, start):
+    row["time/elapsed_s"] = time.time() - start
+    logger.log({k: row.get(k, float("nan")) for k in COLUMNS})
+    plot_curves(logger.path, os.path.join(args.save_dir, "online_training_curves.png"), "episode", CURVE_PANELS,
+                title=f"OPSO online: {args.dataset}")
+
+
+def online_checkpoint(agent, episode, best_success, args):
+    state = agent.state_dict()
+    state.update(phase=agent.phase, episode=episode, best_success=best_success, run_config=vars(args))
+    return state
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,109 @@
+"""Online fine-tuning: schedules, exploration, the replay buffer, and an end-to-end run."""
+import numpy as np
+import pytest
+import torch
+
+import offline_trainer
+import online_trainer
+from conftest import TINY_DATASET
+from ogbench_utils import Trajectories, WindowSampler
+from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
+from offline_agent import AgentConfig
+from test_trainer import TINY_RUN
+from utils import load_checkpoint, read_csv
+
+SCHEDULE = dict(epsilon_start=0.3, epsilon_end=0.05, action_noise_start=0.2, action_noise_end=0.05)
+
+
+def test_schedules_hit_their_start_and_end_values():
+    assert exploration_schedule(SCHEDULE, 0, 300) == pytest.approx((0.3, 0.2))
+    assert exploration_schedule(SCHEDULE, 299, 300) == pytest.approx((0.05, 0.05))
+    epsilon, noise = exploration_schedule(SCHEDULE, 150, 301)
+    assert epsilon == pytest.approx(0.175) and noise == pytest.approx(0.125)
+
+
+def small_online_agent():
+    torch.manual_seed(0)
+    return OnlineAgent(AgentConfig(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
+                                   context_length=8, subgoal_steps=2, mamba_backend="torch"))
+
+
+def test_epsilon_one_follows_the_goal_biased_rule():
+    agent = small_online_agent()
+    z, z_goal = torch.zeros(500, 8), torch.ones(500, 8)
+    subgoal, explored = agent.explore_subgoal(z, z_goal, epsilon=1.0)
+    assert explored.all()
+    alpha = subgoal[:, 0]
+    assert torch.allclose(subgoal, alpha[:, None].expand(-1, 8))        # on the segment from z to z_g
+    assert alpha.min() >= 0.2 and alpha.max() <= 1.0 and alpha.std() > 0.1
+    _, explored = agent.explore_subgoal(z, z_goal, epsilon=0.0)
+    assert not explored.any()
+
+
+def test_exploring_actions_are_in_range():
+    agent = small_online_agent()
+    goals = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
+    actor = agent.make_explorer(goals, epsilon=0.5, action_noise=5.0)
+    for _ in range(5):
+        actions = actor.act(goals * 3)
+        assert actions.shape == (6, 2) and np.all(np.abs(actions) <= 1.0)
+
+
+def test_replay_buffer_windows_never_cross_episodes():
+    data = Trajectories.empty(2, 2)
+    for length in (5, 30, 12, 40):
+        obs = np.random.default_rng(length).normal(size=(length, 2))
+        reached = np.zeros(length, bool)
+        reached[-1] = length != 30
+        data.append(obs, np.zeros((length, 2)), np.ones(2), reached)
+    sampler = WindowSampler(data, 10, 3, 0.99, seed=0, commanded_goal_prob=0.5)
+    for _ in range(20):
+        batch = {k: v.numpy() for k, v in sampler.sample(16).items()}
+        ends = data.traj_ends[batch["indices"]]
+        assert np.all(ends == ends[:, :1])
+        commanded = batch["value_goal_indices"] == -1
+        assert commanded.any()
+        np.testing.assert_array_equal(batch["value_goals"][commanded], 1.0)
+        # commanded goals: success is the environment's own flag
+        np.testing.assert_array_equal(batch["successes"][commanded], data.reached[batch["indices"]][commanded])
+
+
+def test_online_share_of_the_batch():
+    assert online_fraction_of_batch(8, 0.5, 0) == 0
+    assert online_fraction_of_batch(8, 0.5, 100) == 4
+    assert online_fraction_of_batch(8, 1.0, 100) == 8
+
+
+def test_online_run_loads_the_offline_checkpoint_and_writes_every_output(tiny_dataset_dir, tmp_path):
+    offline_dir = tmp_path / "offline"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
+    online_dir = tmp_path / "online"
+    online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
+                         "--checkpoint", str(offline_dir / "best_model.pth"), "--save_dir", str(online_dir),
+                         "--max_episodes", "2", "--updates_per_episode", "2", "--batch_size", "2",
+                         "--eval_every", "2", "--eval_episodes", "1", "--device", "cpu", "--no_progress"])
+    for name in online_trainer.RUN_FILES:
+        assert (online_dir / name).exists(), name
+    metrics = read_csv(online_dir / "online_metrics.csv")
+    assert list(metrics["episode"]) == [0, 1, 2]
+    assert metrics["exploration/epsilon"][1] == pytest.approx(0.3)
+    assert metrics["exploration/epsilon"][2] == pytest.approx(0.05)
+    assert np.isfinite(metrics["eval/success"][[0, 2]]).all()
+    offline_step = load_checkpoint(offline_dir / "best_model.pth")["step"]
+    last = load_checkpoint(online_dir / "last_online_model.pth")
+    assert last["step"] == offline_step + 4 and last["phase"] == "online"
+
+
+def test_checkpoint_for_another_environment_is_refused(tiny_dataset_dir, tmp_path):
+    agent = OnlineAgent(AgentConfig(obs_dim=29, action_dim=8, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32))
+    from utils import save_checkpoint, UserError
+    save_checkpoint(agent.state_dict(), tmp_path / "ant.pth")
+    with pytest.raises(UserError, match="observations of size 29"):
+        online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
+                             "--checkpoint", str(tmp_path / "ant.pth"), "--save_dir", str(tmp_path / "o")])
+
+
+def test_epsilon_end_above_start_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        online_trainer.main(["--epsilon_start", "0.1", "--epsilon_end", "0.2"])
+    assert "--epsilon_end" in capsys.readouterr().err
