@@ -9,6 +9,7 @@ Acting: candidates z' (the proposer, noisy copies, goal-biased interpolations z 
 the one with the largest Q wins, the action is I(z, z', z_g).
 """
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from utils import CHECKPOINT_FORMAT, UserError
 MAX_ADVANTAGE_WEIGHT = 100.0   # AWR weights exp(beta * A) are clipped here (OGBench's choice)
 GRAD_CLIP_NORM = 10.0
 INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
+INFONCE_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -58,9 +60,12 @@ def advantage_weights(advantage, beta, max_weight=MAX_ADVANTAGE_WEIGHT):
     return torch.exp(beta * advantage).clamp(max=max_weight)
 
 
-def info_nce_loss(anchors, positives):
-    """Cross-entropy of matching row i to row i, logits = -squared distance (CRL's InfoNCE, L2 form)."""
-    logits = -torch.cdist(anchors, positives).square()
+def info_nce_loss(anchors, positives, temperature=INFONCE_TEMPERATURE):
+    """Cross-entropy of matching row i to row i; logits are cosine similarities / temperature.
+
+    Cosine logits are bounded, so the loss cannot grow with the latents' scale, which the critic sets.
+    """
+    logits = F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T / temperature
     labels = torch.arange(len(anchors), device=anchors.device)
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
@@ -210,16 +215,24 @@ class OfflineAgent:
         return self.encoder(windows)[:, -1], self.encoder.encode_goals(goals)
 
     def candidates(self, z, z_goal):
-        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations."""
+        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations z + alpha (z_g - z).
+
+        Q has only seen subgoals k steps away; a far interpolation (through a wall, say) is out of its
+        data and may look best for no reason. So alpha goes up to the proposal's step length
+        ||P(z, z_g) - z|| / ||z_g - z|| (or to 1 when the goal is within one step).
+        """
         c = self.config
         proposal = self.heads.proposer(z, z_goal)
+        step = (proposal - z).norm(dim=-1, keepdim=True)
         parts = [proposal.unsqueeze(1)]
         if c.num_noisy_candidates > 0:
-            scale = c.candidate_noise * (proposal - z).square().mean(-1, keepdim=True).sqrt()
+            scale = c.candidate_noise * step / math.sqrt(z.shape[-1])
             noise = torch.randn(len(z), c.num_noisy_candidates, z.shape[-1], device=z.device)
             parts.append(proposal.unsqueeze(1) + scale.unsqueeze(1) * noise)
         if c.num_interpolations > 0:
-            alphas = torch.linspace(0.1, 1.0, c.num_interpolations, device=z.device).view(1, -1, 1)
+            reach = (step / (z_goal - z).norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+            fractions = torch.linspace(1.0 / c.num_interpolations, 1.0, c.num_interpolations, device=z.device)
+            alphas = reach.unsqueeze(1) * fractions.view(1, -1, 1)
             parts.append(z.unsqueeze(1) + alphas * (z_goal - z).unsqueeze(1))
         return torch.cat(parts, dim=1)
 

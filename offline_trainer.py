@@ -8,6 +8,7 @@ last_model.pth (every epoch; --resume continues from it), metrics.csv (one row p
 training_curves.png, config.json.
 """
 import argparse
+import glob
 import math
 import os
 import time
@@ -87,6 +88,9 @@ def add_run_flags(parser):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    parser.add_argument("--max_episode_steps", type=positive_int, default=None,
+                        help="episode limit for evaluation and online episodes (default: the environment's, "
+                             "1000 for the mazes; shorter only for quick runs and tests)")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --save_dir")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
@@ -127,6 +131,8 @@ def prepare_save_dir(save_dir, resume, overwrite, run_files=RUN_FILES):
         for f in existing:
             os.remove(os.path.join(save_dir, f))
     os.makedirs(save_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(save_dir, "*.tmp")):  # half-written files of a killed run
+        os.remove(stale)
 
 
 def warn_if_smoke_data(dataset, dataset_dir):
@@ -160,18 +166,22 @@ def main(argv=None):
         agent.check_env_sizes(obs_dim, action_dim, source=last_path)
         start_epoch, best_success = checkpoint["epoch"] + 1, checkpoint["best_success"]
         elapsed = checkpoint["elapsed"]
+        torch.set_rng_state(checkpoint["rng_torch"].cpu())
     else:
         agent = OfflineAgent(agent_config_from_args(args, obs_dim, action_dim), device=device)
         agent.set_normalization(train.observations)
         start_epoch, best_success, elapsed = 1, -math.inf, 0.0
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
 
-    sampler = WindowSampler(train, args.context_length, agent.config.subgoal_steps, agent.config.discount,
-                            seed=args.seed + 1_000 * start_epoch)
+    sampler = WindowSampler(train, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount,
+                            seed=args.seed)
+    if args.resume:
+        sampler.rng.bit_generator.state = checkpoint["rng_sampler"]
     if sampler.window_length < args.context_length:
         print(f"note: trajectories are shorter than --context_length; windows of {sampler.window_length} steps")
     updates = args.updates_per_epoch or num_updates_per_epoch(len(train), args.batch_size, args.context_length)
-    logger = CSVLogger(os.path.join(args.save_dir, "metrics.csv"), resume=args.resume)
+    logger = CSVLogger(os.path.join(args.save_dir, "metrics.csv"), resume=args.resume,
+                       keep_rows_until=("epoch", start_epoch - 1))
     print(f"{args.dataset}: {train.num_trajectories} trajectories, {len(train)} transitions, "
           f"{updates} updates per epoch, device {device}")
 
@@ -181,11 +191,9 @@ def main(argv=None):
         bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}", leave=False, disable=args.no_progress)
         for _ in bar:
             infos.append(agent.update(sampler.sample(args.batch_size, device)))
+            check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
                 bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})
-        for key, value in infos[-1].items():
-            if not math.isfinite(value):
-                raise UserError(f"non-finite {key} at step {agent.step}; stopping (the last good checkpoint is kept)")
         row = {"epoch": epoch, "step": agent.step, **{k: average(infos)[k] for k in LOSS_COLUMNS}}
         elapsed += time.time() - epoch_start
         out_of_time = args.time_budget is not None and elapsed >= args.time_budget * 60
@@ -193,18 +201,19 @@ def main(argv=None):
         result = {}
         if epoch % args.eval_every == 0 or last_epoch:
             eval_start = time.time()
-            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
+                              max_episode_steps=args.max_episode_steps)
             if not last_epoch:
                 elapsed += time.time() - eval_start
             if result["success"] > best_success:
                 best_success = result["success"]
-                save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args),
+                save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler),
                                 os.path.join(args.save_dir, "best_model.pth"))
         row.update({f"eval/{k}": result.get(k, float("nan")) for k in
                     ["success"] + [f"task{i}_success" for i in range(1, 6)] + ["episode_length"]})
         row.update({"time/elapsed_s": elapsed, "time/epoch_s": time.time() - epoch_start})
-        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args), last_path)
-        logger.log(row)
+        logger.log(row)  # before the checkpoint: a resume drops rows newer than its checkpoint
+        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler), last_path)
         plot_curves(logger.path, os.path.join(args.save_dir, "training_curves.png"), "epoch", CURVE_PANELS,
                     title=f"OPSO offline: {args.dataset}")
         summary = f"epoch {epoch}: critic {row['critic/loss']:.3f} value {row['value/loss']:.3f} " \
@@ -218,11 +227,18 @@ def main(argv=None):
     return best_success
 
 
-def checkpoint_dict(agent, epoch, best_success, elapsed, args):
+def checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler):
     state = agent.state_dict()
     state.update(epoch=epoch, best_success=best_success, elapsed=elapsed, run_config=vars(args),
-                 rng_torch=torch.get_rng_state())
+                 rng_torch=torch.get_rng_state(), rng_sampler=sampler.rng.bit_generator.state)
     return state
+
+
+def check_finite(info, step):
+    """Stop at the first non-finite loss, naming it; the checkpoints on disk are the last good ones."""
+    for key, value in info.items():
+        if not math.isfinite(value):
+            raise UserError(f"non-finite {key} ({value}) at step {step}; stopping, the last good checkpoint is kept")
 
 
 if __name__ == "__main__":

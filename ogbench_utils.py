@@ -8,12 +8,14 @@ index equals the current index; reward = success - 1; mask = 1 - success) and it
 Command line:
     python ogbench_utils.py generate pointmaze-medium-navigate-v0 [--episodes N] [--max_steps M]
         [--noise X] [--seed S] [--dataset_dir DIR]
+    python ogbench_utils.py evaluate runs/offline/best_model.pth --dataset pointmaze-medium-navigate-v0
 """
 import argparse
 import datetime
 import os
 import sys
 import urllib.error
+import zipfile
 from dataclasses import dataclass
 
 import gymnasium
@@ -137,7 +139,7 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
     try:
         train, val = ogbench.make_env_and_datasets(name, dataset_dir=os.path.expanduser(dataset_dir),
                                                    dataset_only=True, compact_dataset=True)
-    except (KeyError, ValueError, OSError, EOFError) as error:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise UserError(f"dataset file {train_path} (or its -val file) is corrupt or incomplete "
                         f"({type(error).__name__}: {error}); delete it and download or generate it again") from None
     return tuple(_to_trajectories(d, max_trajectories) for d in (train, val))
@@ -279,17 +281,20 @@ def concat_batches(first, second):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, num_tasks=NUM_EVAL_TASKS,
-             acting="recurrent"):
+def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, tasks=None, acting="recurrent",
+             max_episode_steps=None):
     """OGBench's protocol, all episodes side by side: one batched policy call per step.
 
     `agent.make_actor(goals, mode=acting)` gives the policy; episodes leave the batch when they end.
-    Returns {'success': mean over tasks, 'task{k}_success': per task, 'episode_length': mean}.
+    `tasks` defaults to the five evaluation tasks; `max_episode_steps` to the environment's limit.
+    Returns {'success': mean over tasks, 'task{k}_success': per task, 'episode_length': mean, 'env_steps'}.
     """
+    tasks = list(tasks or range(1, NUM_EVAL_TASKS + 1))
+    env_kwargs = {} if max_episode_steps is None else dict(max_episode_steps=max_episode_steps)
     envs, goals, observations, task_of = [], [], [], []
-    for task_id in range(1, num_tasks + 1):
+    for task_id in tasks:
         for episode in range(episodes_per_task):
-            env = make_env(dataset_name)
+            env = make_env(dataset_name, **env_kwargs)
             ob, info = env.reset(seed=seed * 100_003 + task_id * 1_000 + episode, options=dict(task_id=task_id))
             envs.append(env)
             goals.append(info["goal"])
@@ -322,9 +327,10 @@ def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, num_
     for env in envs:
         env.close()
     task_of = np.asarray(task_of)
-    result = {f"task{k}_success": float(success[task_of == k].mean()) for k in range(1, num_tasks + 1)}
-    result["success"] = float(np.mean([result[f"task{k}_success"] for k in range(1, num_tasks + 1)]))
+    result = {f"task{k}_success": float(success[task_of == k].mean()) for k in tasks}
+    result["success"] = float(np.mean([result[f"task{k}_success"] for k in tasks]))
     result["episode_length"] = float(lengths.mean())
+    result["env_steps"] = int(lengths.sum())
     return result
 
 
@@ -504,14 +510,45 @@ def build_parser():
                      help="std of the Gaussian action noise (default: 0.5; 1.0 for explore)")
     gen.add_argument("--seed", type=int, default=0, help="random seed")
     gen.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR, help="output folder")
+    ev = commands.add_parser("evaluate", help="greedy OGBench evaluation (5 tasks) of a saved checkpoint")
+    ev.add_argument("checkpoint", help="an OPSO checkpoint (best_model.pth, last_model.pth, ...)")
+    ev.add_argument("--dataset", required=True, help="dataset whose environment to evaluate in")
+    ev.add_argument("--eval_episodes", type=positive_int, default=20, help="episodes per task")
+    ev.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    ev.add_argument("--acting", choices=["recurrent", "window"], default="recurrent",
+                    help="encoder context while acting: recurrent streams (constant cost) or the last L steps")
+    ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        return evaluate_checkpoint(args)
     paths = generate(args.dataset, args.episodes, args.max_steps, args.noise, args.seed, args.dataset_dir)
     print(f"wrote {paths[0]}, {paths[1]} and {paths[0][:-4]}.json")
     print(f"train with: python offline_trainer.py --dataset {args.dataset} --dataset_dir {args.dataset_dir}")
+
+
+def evaluate_checkpoint(args):
+    """Greedy evaluation of a saved agent; acting flags override the checkpoint's for this evaluation."""
+    import json
+    from offline_agent import OfflineAgent
+    from utils import load_checkpoint, set_seed
+    check_dataset_name(args.dataset)
+    checkpoint = load_checkpoint(args.checkpoint)
+    overrides = {k: getattr(args, k) for k in ("num_noisy_candidates", "num_interpolations")
+                 if getattr(args, k) is not None}
+    agent = OfflineAgent.from_checkpoint(checkpoint, **overrides)
+    env = make_env(args.dataset)
+    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
+    env.close()
+    set_seed(args.seed)
+    result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, acting=args.acting)
+    result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)
+    print(json.dumps(result, sort_keys=True))
+    return result
 
 
 if __name__ == "__main__":

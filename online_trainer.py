@@ -10,7 +10,6 @@ online step), online_training_curves.png, best_online_model.pth (by greedy evalu
 last_online_model.pth, config.json.
 """
 import argparse
-import math
 import os
 import time
 
@@ -18,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_trainer import add_run_flags, positive_int, positive_float, prepare_save_dir, unit_float
+from offline_trainer import add_run_flags, check_finite, positive_int, positive_float, prepare_save_dir, unit_float
 from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
                            load_datasets, make_env, maze_cells)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
-from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, resolve_device,
+from utils import (CSVLogger, exit_on_user_error, load_checkpoint, plot_curves, resolve_device,
                    save_checkpoint, set_seed, write_json)
 
 RUN_FILES = ("online_metrics.csv", "last_online_model.pth", "best_online_model.pth", "config.json",
@@ -119,7 +118,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, map_location=device)
-    env = make_env(args.dataset)
+    env = make_env(args.dataset, **({} if args.max_episode_steps is None else
+                                    dict(max_episode_steps=args.max_episode_steps)))
     agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
     agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
     prepare_save_dir(args.save_dir, resume=False, overwrite=args.overwrite, run_files=RUN_FILES)
@@ -136,7 +136,8 @@ def main(argv=None):
     logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"))
     paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
     start = time.time()
-    initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+    initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
+                       max_episode_steps=args.max_episode_steps)
     best_success = initial["success"]
     save_checkpoint(online_checkpoint(agent, 0, best_success, args), paths["best"])
     log_row(logger, args, dict(episode=0, step=agent.step, env_steps=0, **eval_columns(initial)), start)
@@ -157,8 +158,8 @@ def main(argv=None):
         for _ in range(args.updates_per_episode):
             batch, n_online = mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
             infos.append(agent.update(batch))
+            check_finite(infos[-1], agent.step)
             online_windows.append(n_online)
-        check_finite(infos, agent.step)
         recent_success = (recent_success + [float(reached.any())])[-SUCCESS_SMOOTHING:]
         row = dict(episode=episode, step=agent.step, env_steps=env_steps, **{
             "online/success": float(reached.any()), "online/episode_reward": reward,
@@ -170,7 +171,8 @@ def main(argv=None):
             row.update({k: float(np.mean([i[k] for i in infos])) for k in
                         ("train/total_loss", "critic/loss", "value/loss", "inverse/loss", "infonce/loss")})
         if episode % args.eval_every == 0 or episode == args.max_episodes:
-            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress)
+            result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
+                       max_episode_steps=args.max_episode_steps)
             row.update(eval_columns(result))
             if result["success"] > best_success:
                 best_success = result["success"]
@@ -186,12 +188,6 @@ def main(argv=None):
 
 def eval_columns(result):
     return {f"eval/{k}": result[k] for k in ["success"] + [f"task{i}_success" for i in range(1, NUM_EVAL_TASKS + 1)]}
-
-
-def check_finite(infos, step):
-    for key, value in (infos[-1].items() if infos else ()):
-        if not math.isfinite(value):
-            raise UserError(f"non-finite {key} at step {step}; stopping (the last good checkpoint is kept)")
 
 
 def log_row(logger, args, row, start):

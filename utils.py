@@ -104,29 +104,43 @@ def load_checkpoint(path, map_location="cpu"):
 # ----------------------------------------------------------------------------- logs and curves
 
 class CSVLogger:
-    """One row per call; the columns are fixed by the first row (later keys must be a subset)."""
+    """One row per call, the whole file rewritten atomically each time (a kill never leaves half a row).
 
-    def __init__(self, path, resume=False):
+    The columns are fixed by the first row; later rows must use a subset of them.
+    """
+
+    def __init__(self, path, resume=False, keep_rows_until=None):
+        """resume: continue an existing file; keep_rows_until=(column, value) drops the rows written after
+        the checkpoint being resumed (a run killed between its CSV row and its checkpoint)."""
         self.path = path
-        self.fieldnames = None
+        self.fieldnames, self.rows = None, []
         if resume and os.path.exists(path):
             with open(path, newline="") as f:
-                self.fieldnames = next(csv.reader(f), None)
+                reader = csv.DictReader(f)
+                self.fieldnames, self.rows = reader.fieldnames, list(reader)
+            if keep_rows_until is not None:
+                column, last = keep_rows_until
+                self.rows = [r for r in self.rows if float(r[column]) <= last]
+                self._write()
         elif os.path.exists(path):
             os.remove(path)
 
     def log(self, row):
-        new_file = self.fieldnames is None
-        if new_file:
+        if self.fieldnames is None:
             self.fieldnames = list(row)
         unknown = set(row) - set(self.fieldnames)
         if unknown:
             raise KeyError(f"columns {sorted(unknown)} are not in {self.path}")
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fieldnames)
-            if new_file:
+        self.rows.append({k: _format(row.get(k, "")) for k in self.fieldnames})
+        self._write()
+
+    def _write(self):
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fieldnames)
                 writer.writeheader()
-            writer.writerow({k: _format(row.get(k, "")) for k in self.fieldnames})
+                writer.writerows(self.rows)
+        atomic_write(self.path, write)
 
 
 def _format(value):

@@ -4,17 +4,12 @@
     python benchmarks/bench_mamba.py [--batch 16 --length 100 --d_model 128 --repeats 20 --threads 2]
 """
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import TorchMamba  # noqa: E402
+from common import machine_line, median_seconds
+from model import TorchMamba
 
 
 class LoopMamba(TorchMamba):
@@ -36,15 +31,8 @@ class LoopMamba(TorchMamba):
         return self.out_proj(y)
 
 
-def time_it(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
+def time_it(fn, repeats):
+    return 1000 * median_seconds(fn, repeats, warmup=3)
 
 
 def make_mambapy(d_model, d_state, expand):
@@ -66,8 +54,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(machine_line())
     print(f"shape: batch {args.batch}, length {args.length}, d_model {args.d_model}, d_state {args.d_state}")
     fast = TorchMamba(args.d_model, d_state=args.d_state)
     loop = LoopMamba(args.d_model, d_state=args.d_state)

@@ -39,11 +39,11 @@ def test_advantage_weights_are_exponential_and_clipped():
 
 
 def test_info_nce_hand_computed():
-    anchors = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    positives = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    loss, accuracy = info_nce_loss(anchors, positives)
-    # each row: logits (0, -1) with the right answer first -> -log(1 / (1 + e^-1))
-    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-1))))
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positives = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    loss, accuracy = info_nce_loss(anchors, positives, temperature=0.5)
+    # each row: cosine logits (1, 0) / 0.5 = (2, 0) with the right answer first -> log(1 + e^-2)
+    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-2))))
     assert accuracy == 1.0
 
 
@@ -78,13 +78,21 @@ def test_act_gives_actions_in_range_for_a_batch_of_environments():
     assert actions.shape == (7, 2) and np.all(np.abs(actions) <= 1.0)
 
 
-def test_candidates_hold_the_proposal_noisy_copies_and_interpolations():
+def test_candidates_hold_the_proposal_noisy_copies_and_step_limited_interpolations():
     agent = small_agent(num_noisy_candidates=3, num_interpolations=4)
     z, z_goal = torch.zeros(2, 8), torch.ones(2, 8)
+    proposal = agent.heads.proposer(z, z_goal)
     candidates = agent.candidates(z, z_goal)
     assert candidates.shape == (2, 1 + 3 + 4, 8)
-    torch.testing.assert_close(candidates[:, -1], z_goal)              # alpha = 1 reaches the goal
-    torch.testing.assert_close(candidates[:, 4], torch.full((2, 8), 0.1))
+    torch.testing.assert_close(candidates[:, 0], proposal)
+    interpolations = candidates[:, 4:]
+    alphas = interpolations[..., 0]                                    # z = 0, z_g = 1: the point is alpha * 1
+    torch.testing.assert_close(interpolations, alphas.unsqueeze(-1).expand(-1, -1, 8))
+    reach = (proposal.norm(dim=-1) / math.sqrt(8)).clamp(max=1.0)
+    torch.testing.assert_close(alphas[:, -1], reach)                   # the largest step equals the proposal's
+    far_goal = torch.full((2, 8), 1e3)
+    far_step = agent.heads.proposer(z, far_goal).norm(dim=-1, keepdim=True)
+    assert torch.all(agent.candidates(z, far_goal)[:, 4:].norm(dim=-1) <= far_step * 1.0001)
 
 
 def test_checkpoint_round_trips_to_the_same_actions(tmp_path):

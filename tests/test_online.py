@@ -81,7 +81,7 @@ def test_online_run_loads_the_offline_checkpoint_and_writes_every_output(tiny_da
     online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
                          "--checkpoint", str(offline_dir / "best_model.pth"), "--save_dir", str(online_dir),
                          "--max_episodes", "2", "--updates_per_episode", "2", "--batch_size", "2",
-                         "--eval_every", "2", "--eval_episodes", "1", "--device", "cpu", "--no_progress"])
+                         "--eval_every", "2", "--eval_episodes", "1", "--device", "cpu", "--no_progress", "--max_episode_steps", "60"])
     for name in online_trainer.RUN_FILES:
         assert (online_dir / name).exists(), name
     metrics = read_csv(online_dir / "online_metrics.csv")

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--dataset", TINY_DATASET, "--context_length", "20", "--d_model", "16", "--latent_dim", "8",
             "--hidden_dim", "32", "--n_layers", "1", "--subgoal_steps", "5", "--batch_size", "4",
             "--num_epochs", "2", "--updates_per_epoch", "3", "--eval_every", "2", "--eval_episodes", "1",
-            "--device", "cpu", "--no_progress"]
+            "--device", "cpu", "--no_progress", "--max_episode_steps", "60"]
 
 
 def test_offline_trainer_writes_every_output(tiny_dataset_dir, tmp_path):

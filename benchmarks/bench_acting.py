@@ -1,0 +1,44 @@
+"""Acting cost per step against the context length: recomputing the encoder over the last L observations
+(window) vs the recurrent step mode with restarted streams (recurrent), for a batch of environments.
+
+    python benchmarks/bench_acting.py [--envs 100 --lengths 25 50 100 200 --steps 30]
+"""
+import argparse
+
+import numpy as np
+import torch
+
+from common import machine_line, median_seconds
+from offline_agent import AgentConfig, OfflineAgent
+
+
+def per_step_ms(agent, mode, envs, steps, rng):
+    goals = rng.normal(size=(envs, 2)).astype(np.float32)
+    observations = rng.normal(size=(steps * 3, envs, 2)).astype(np.float32)
+    actor = agent.make_actor(goals, mode=mode)
+    for t in range(agent.context_length):  # fill the context first: the steady state is what we time
+        actor.act(observations[t % len(observations)])
+    counter = iter(range(10**9))
+    return 1000 * median_seconds(lambda: actor.act(observations[next(counter) % len(observations)]), steps, warmup=0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", type=int, default=100, help="environments acting side by side")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[25, 50, 100, 200], help="context lengths")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per setting (median reported)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    print(machine_line())
+    print(f"{args.envs} environments; ms per acting step (encoder + policy search + inverse dynamics)")
+    print(f"{'context':>8}{'window ms':>12}{'recurrent ms':>14}{'ratio':>8}")
+    for length in args.lengths:
+        agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, context_length=length, mamba_backend="torch"))
+        window = per_step_ms(agent, "window", args.envs, args.steps, rng)
+        recurrent = per_step_ms(agent, "recurrent", args.envs, args.steps, rng)
+        print(f"{length:>8}{window:>12.1f}{recurrent:>14.1f}{window / recurrent:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
