@@ -7,7 +7,7 @@ pure-PyTorch `TorchMamba` unchanged. The heads follow SPEC.md: Q(z, z', z_g) (Ed
 a latent subgoal proposer (HIQL, Park et al., 2023).
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -356,6 +356,3 @@ class OPSOHeads(nn.Module):
     def action(self, z, z_next, z_goal):
         return torch.tanh(self.inverse(z, z_next, z_goal))
 
-
-def config_dict(config):
-    return asdict(config)

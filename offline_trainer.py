@@ -21,7 +21,7 @@ from offline_agent import AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
-                   resolve_device, save_checkpoint, set_seed, write_json)
+                   positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
@@ -31,27 +31,6 @@ CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"])
                 ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
                 ("evaluation success", ["eval/success"])]
 RUN_FILES = ("metrics.csv", "last_model.pth", "best_model.pth", "config.json", "training_curves.png")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def unit_float(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def add_model_flags(parser):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, exit_on_user_error, write_json
+from utils import UserError, exit_on_user_error, non_negative_float, positive_int, read_json, write_json
 
 DEFAULT_DATASET_DIR = "datasets"
 GENERATED_DATASET_DIR = "datasets/generated"
@@ -290,6 +290,9 @@ def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, task
     Returns {'success': mean over tasks, 'task{k}_success': per task, 'episode_length': mean, 'env_steps'}.
     """
     tasks = list(tasks or range(1, NUM_EVAL_TASKS + 1))
+    # the maze's start and goal noise comes from numpy's global RNG: seed it, so every evaluation of a
+    # run (and of a resumed run) starts from the same positions
+    np.random.seed(seed)
     env_kwargs = {} if max_episode_steps is None else dict(max_episode_steps=max_episode_steps)
     envs, goals, observations, task_of = [], [], [], []
     for task_id in tasks:
@@ -474,28 +477,10 @@ def _write_generated(name, dataset_dir, columns, train_steps, provenance):
 
 def read_provenance(name, dataset_dir):
     path = dataset_paths(name, dataset_dir)[0][:-4] + ".json"
-    if not os.path.exists(path):
-        return None
-    import json
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.exists(path) else None
 
 
 # ----------------------------------------------------------------------------- command line
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
 
 def build_parser():
     parser = argparse.ArgumentParser(description="OGBench datasets for OPSO.")

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_trainer import add_run_flags, check_finite, positive_int, positive_float, prepare_save_dir, unit_float
+from offline_trainer import add_run_flags, check_finite, prepare_save_dir
 from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
                            load_datasets, make_env, maze_cells)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
-from utils import (CSVLogger, exit_on_user_error, load_checkpoint, plot_curves, resolve_device,
-                   save_checkpoint, set_seed, write_json)
+from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, positive_float,
+                   positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
 
 RUN_FILES = ("online_metrics.csv", "last_online_model.pth", "best_online_model.pth", "config.json",
              "online_training_curves.png")
@@ -61,6 +61,8 @@ def build_parser():
                         help="online goals: the five evaluation tasks in turn, or random maze cells")
     parser.add_argument("--eval_every", type=positive_int, default=50, help="greedy evaluation every N episodes")
     parser.add_argument("--save_dir", default="runs/online", help="output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --save_dir from last_online_model.pth (replay buffer included)")
     return parser
 
 
@@ -79,6 +81,7 @@ def reset_for_goal(env, episode, goal_source, rng, seed):
         free, _ = maze_cells(env.unwrapped.maze_map)
         init, goal = rng.choice(len(free), size=2, replace=False)
         options = dict(task_info=dict(init_ij=free[init], goal_ij=free[goal]))
+    np.random.seed(seed)  # the maze draws its start and goal noise from numpy's global RNG
     ob, info = env.reset(seed=seed, options=options)
     return ob, info["goal"]
 
@@ -117,12 +120,14 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, map_location=device)
+    paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
+    source = paths["last"] if args.resume else args.checkpoint
+    checkpoint = load_checkpoint(source, map_location=device)
     env = make_env(args.dataset, **({} if args.max_episode_steps is None else
                                     dict(max_episode_steps=args.max_episode_steps)))
     agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
-    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
-    prepare_save_dir(args.save_dir, resume=False, overwrite=args.overwrite, run_files=RUN_FILES)
+    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=source)
+    prepare_save_dir(args.save_dir, resume=args.resume, overwrite=args.overwrite, run_files=RUN_FILES)
     set_seed(args.seed)
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
@@ -131,37 +136,41 @@ def main(argv=None):
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
     online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
                                    commanded_goal_prob=args.commanded_goal_prob)
-    agent.start_online(args.online_lr or c.lr)
-
-    logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"))
-    paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
+    goal_rng = np.random.default_rng(args.seed)
     start = time.time()
-    initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
-                       max_episode_steps=args.max_episode_steps)
-    best_success = initial["success"]
-    save_checkpoint(online_checkpoint(agent, 0, best_success, args), paths["best"])
-    log_row(logger, args, dict(episode=0, step=agent.step, env_steps=0, **eval_columns(initial)), start)
-    tqdm.write(f"checkpoint {args.checkpoint}: greedy success {best_success:.3f} before online fine-tuning")
+    if args.resume:
+        run = restore_run(checkpoint, agent, online_data, online_sampler, offline_sampler, goal_rng)
+        logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"), resume=True,
+                           keep_rows_until=("episode", run["episode"]))
+        start -= run["elapsed"]
+    else:
+        agent.start_online(args.online_lr or c.lr)
+        logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"))
+        initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
+                           max_episode_steps=args.max_episode_steps)
+        run = dict(episode=0, best_success=initial["success"], env_steps=0, recent_success=[])
+        log_row(logger, args, dict(episode=0, step=agent.step, env_steps=0, **eval_columns(initial)), start)
+        save_checkpoint(online_checkpoint(agent, run, args, start, online_data, (offline_sampler, online_sampler),
+                                          goal_rng), paths["best"])
+        tqdm.write(f"checkpoint {args.checkpoint}: greedy success {run['best_success']:.3f} before online fine-tuning")
 
-    rng = np.random.default_rng(args.seed)
-    recent_success, env_steps = [], 0
-    bar = tqdm(range(1, args.max_episodes + 1), desc="online", disable=args.no_progress)
+    bar = tqdm(range(run["episode"] + 1, args.max_episodes + 1), desc="online", disable=args.no_progress)
     for episode in bar:
         epsilon, noise = exploration_schedule(vars(args), episode - 1, args.max_episodes)
-        ob, goal = reset_for_goal(env, episode, args.goal_source, rng, seed=args.seed * 1_000_003 + episode)
+        ob, goal = reset_for_goal(env, episode, args.goal_source, goal_rng, seed=args.seed * 1_000_003 + episode)
         actor = agent.make_explorer(np.asarray(goal, np.float32)[None], epsilon, noise)
         observations, actions, reached, reward = run_episode(env, actor, ob)
         online_data.append(observations, actions, goal, reached)
         online_sampler.refresh()
-        env_steps += len(actions) - 1
+        run["episode"], run["env_steps"] = episode, run["env_steps"] + len(actions) - 1
         infos, online_windows = [], []
         for _ in range(args.updates_per_episode):
             batch, n_online = mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
             infos.append(agent.update(batch))
             check_finite(infos[-1], agent.step)
             online_windows.append(n_online)
-        recent_success = (recent_success + [float(reached.any())])[-SUCCESS_SMOOTHING:]
-        row = dict(episode=episode, step=agent.step, env_steps=env_steps, **{
+        run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]
+        row = dict(episode=episode, step=agent.step, env_steps=run["env_steps"], **{
             "online/success": float(reached.any()), "online/episode_reward": reward,
             "online/episode_length": len(actions) - 1, "exploration/epsilon": epsilon,
             "exploration/action_noise": noise,
@@ -170,20 +179,50 @@ def main(argv=None):
         if infos:
             row.update({k: float(np.mean([i[k] for i in infos])) for k in
                         ("train/total_loss", "critic/loss", "value/loss", "inverse/loss", "infonce/loss")})
+        samplers = (offline_sampler, online_sampler)
         if episode % args.eval_every == 0 or episode == args.max_episodes:
             result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
-                       max_episode_steps=args.max_episode_steps)
+                              max_episode_steps=args.max_episode_steps)
             row.update(eval_columns(result))
-            if result["success"] > best_success:
-                best_success = result["success"]
-                save_checkpoint(online_checkpoint(agent, episode, best_success, args), paths["best"])
-            tqdm.write(f"episode {episode}: greedy success {result['success']:.3f} (best {best_success:.3f})")
-        save_checkpoint(online_checkpoint(agent, episode, best_success, args), paths["last"])
-        log_row(logger, args, row, start)
-        bar.set_postfix(success=f"{np.mean(recent_success):.2f}", eps=f"{epsilon:.2f}",
+            if result["success"] > run["best_success"]:
+                run["best_success"] = result["success"]
+                save_checkpoint(online_checkpoint(agent, run, args, start, online_data, samplers, goal_rng),
+                                paths["best"])
+            tqdm.write(f"episode {episode}: greedy success {result['success']:.3f} (best {run['best_success']:.3f})")
+        log_row(logger, args, row, start)  # before the checkpoint: a resume drops rows newer than its checkpoint
+        save_checkpoint(online_checkpoint(agent, run, args, start, online_data, samplers, goal_rng), paths["last"])
+        bar.set_postfix(success=f"{np.mean(run['recent_success']):.2f}", eps=f"{epsilon:.2f}",
                         loss=f"{row.get('train/total_loss', float('nan')):.2f}")
     env.close()
-    return best_success
+    return run["best_success"]
+
+
+BUFFER_FIELDS = ("observations", "actions", "traj_ends", "commanded_goals", "reached")
+
+
+def online_checkpoint(agent, run, args, start, online_data, samplers, goal_rng):
+    """Everything --resume needs: the agent, the run counters, the replay buffer and every random stream."""
+    state = agent.state_dict()
+    state.update(phase=agent.phase, episode=run["episode"], best_success=run["best_success"], run_config=vars(args),
+                 run=dict(run, elapsed=time.time() - start),
+                 online_buffer={k: torch.as_tensor(getattr(online_data, k)) for k in BUFFER_FIELDS},
+                 rng_torch=torch.get_rng_state(), rng_goals=goal_rng.bit_generator.state,
+                 rng_samplers=[s.rng.bit_generator.state for s in samplers])
+    return state
+
+
+def restore_run(checkpoint, agent, online_data, online_sampler, offline_sampler, goal_rng):
+    if "online_buffer" not in checkpoint:
+        raise UserError("the checkpoint to resume is not an online run's last_online_model.pth")
+    agent.phase = checkpoint["phase"]
+    for key in BUFFER_FIELDS:
+        setattr(online_data, key, checkpoint["online_buffer"][key].numpy())
+    online_sampler.refresh()
+    for sampler, rng_state in zip((offline_sampler, online_sampler), checkpoint["rng_samplers"]):
+        sampler.rng.bit_generator.state = rng_state
+    goal_rng.bit_generator.state = checkpoint["rng_goals"]
+    torch.set_rng_state(checkpoint["rng_torch"].cpu())
+    return dict(checkpoint["run"])
 
 
 def eval_columns(result):
@@ -195,12 +234,6 @@ def log_row(logger, args, row, start):
     logger.log({k: row.get(k, float("nan")) for k in COLUMNS})
     plot_curves(logger.path, os.path.join(args.save_dir, "online_training_curves.png"), "episode", CURVE_PANELS,
                 title=f"OPSO online: {args.dataset}")
-
-
-def online_checkpoint(agent, episode, best_success, args):
-    state = agent.state_dict()
-    state.update(phase=agent.phase, episode=episode, best_success=best_success, run_config=vars(args))
-    return state
 
 
 if __name__ == "__main__":

@@ -107,3 +107,33 @@ def test_epsilon_end_above_start_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         online_trainer.main(["--epsilon_start", "0.1", "--epsilon_end", "0.2"])
     assert "--epsilon_end" in capsys.readouterr().err
+
+
+def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, monkeypatch):
+    offline_dir = tmp_path / "offline"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
+    common = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--checkpoint",
+              str(offline_dir / "best_model.pth"), "--updates_per_episode", "2", "--batch_size", "2",
+              "--eval_every", "2", "--eval_episodes", "1", "--device", "cpu", "--no_progress",
+              "--max_episode_steps", "40", "--max_episodes", "4"]
+    online_trainer.main(common + ["--save_dir", str(tmp_path / "straight")])
+
+    run_episode = online_trainer.run_episode
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt      # killed during the third episode
+        return run_episode(*args, **kwargs)
+    monkeypatch.setattr(online_trainer, "run_episode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        online_trainer.main(common + ["--save_dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(online_trainer, "run_episode", run_episode)
+    online_trainer.main(common + ["--save_dir", str(tmp_path / "resumed"), "--resume"])
+    straight = read_csv(tmp_path / "straight" / "online_metrics.csv")
+    resumed = read_csv(tmp_path / "resumed" / "online_metrics.csv")
+    assert list(resumed["episode"]) == [0, 1, 2, 3, 4]
+    for key in straight:
+        if not key.startswith("time/"):
+            np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)

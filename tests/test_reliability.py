@@ -153,3 +153,28 @@ def test_killing_a_run_at_random_moments_leaves_loadable_checkpoints(tiny_datase
         epochs = list(metrics["epoch"])
         assert epochs == list(range(1, len(epochs) + 1))            # no duplicated or missing rows
     assert kills == 6 and (save_dir / "last_model.pth").exists()
+
+
+def test_generator_and_online_trainer_reject_unknown_datasets(tmp_path):
+    import ogbench_utils
+    import online_trainer
+    with pytest.raises(UserError, match="unknown dataset"):
+        ogbench_utils.main(["generate", "pointmaze-huge-navigate-v0", "--dataset_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="unknown dataset"):
+        online_trainer.main(["--dataset", "pointmaze-huge-navigate-v0", "--save_dir", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_online_trainer_refuses_an_existing_run_and_a_missing_checkpoint(tiny_dataset_dir, tmp_path):
+    import online_trainer
+    with pytest.raises(UserError, match="does not exist"):
+        online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
+                             "--checkpoint", str(tmp_path / "missing.pth"), "--save_dir", str(tmp_path / "o")])
+    offline_trainer.main(tiny(tiny_dataset_dir, tmp_path / "off", "--num_epochs", "1", "--eval_every", "1"))
+    existing = tmp_path / "o"
+    existing.mkdir()
+    (existing / "online_metrics.csv").write_text("episode\n0\n")
+    with pytest.raises(UserError, match="--resume"):
+        online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
+                             "--checkpoint", str(tmp_path / "off" / "best_model.pth"), "--save_dir", str(existing)])
+    assert (existing / "online_metrics.csv").read_text() == "episode\n0\n"
