@@ -46,7 +46,8 @@ class AgentConfig:
     proposer_coef: float = 1.0
     num_noisy_candidates: int = 8
     candidate_noise: float = 0.1
-    num_interpolations: int = 8
+    num_interpolations: int = 0
+    hindsight_bound: bool = False
     mamba_backend: str = "auto"
 
 
@@ -122,6 +123,10 @@ class OfflineAgent:
         with torch.no_grad():
             next_v = self.targets["value"](z_next, z_goal)
             q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+            if self.config.hindsight_bound:
+                # the data's path to a same-trajectory goal is a return the agent can achieve, so the target
+                # never goes below it: long distances are known at once instead of after many backups
+                q_target = torch.maximum(q_target, batch["hindsight_returns"])
         q1, q2 = self.heads.q_values(z, z_next, z_goal)
         loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
         return loss, {"critic/loss": loss, "critic/q_mean": masked_mean(q1, valid),

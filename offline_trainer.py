@@ -50,6 +50,8 @@ def add_model_flags(parser):
     parser.add_argument("--beta", type=float, default=d.beta, help="inverse temperature of the advantage weights")
     parser.add_argument("--tau", type=unit_float, default=d.tau, help="EMA rate of the target critics")
     parser.add_argument("--infonce_coef", type=float, default=d.infonce_coef, help="weight of the InfoNCE loss")
+    parser.add_argument("--hindsight_bound", type=int, choices=[0, 1], default=int(d.hindsight_bound),
+                        help="1: critic targets are at least the return of the data's own path to the goal")
     parser.add_argument("--num_noisy_candidates", type=int, default=d.num_noisy_candidates,
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,

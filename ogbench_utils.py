@@ -182,6 +182,8 @@ class WindowSampler:
                       reward = success - 1, mask = 1 - success
       kstep_returns   discounted rewards over the k steps, stopping at success; kstep_masks 0 if the goal
                       is reached within them (no bootstrap), else 1; kstep_discounts = discount ** steps
+      hindsight_returns  the discounted return of the data's own path to the goal (a lower bound on the
+                      optimal return); -1 / (1 - discount) where the goal is not ahead on the trajectory
       actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
       next_valid      t + 1 is inside the window and the trajectory
     """
@@ -248,6 +250,9 @@ class WindowSampler:
             goal_idx = np.where(commanded, -1, goal_idx)
         goal_within_k = to_goal < steps_ahead
         kstep_returns = -(1.0 - gamma ** np.minimum(to_goal, steps_ahead)) / (1.0 - gamma)
+        # the data's own path reaches a same-trajectory goal in to_goal steps: the optimal return is at least
+        # this (-1 / (1 - gamma), the worst return, where the goal is not ahead on this trajectory)
+        hindsight_returns = -(1.0 - gamma ** np.minimum(to_goal, 1 << 20)) / (1.0 - gamma)
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
@@ -258,7 +263,7 @@ class WindowSampler:
             value_goals=value_goals, rewards=success.astype(np.float32) - 1.0,
             masks=1.0 - success.astype(np.float32), successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
-            kstep_discounts=(gamma ** steps_ahead).astype(np.float32),
+            kstep_discounts=(gamma ** steps_ahead).astype(np.float32), hindsight_returns=hindsight_returns.astype(np.float32),
             actor_goals=obs[actor_goals], next_valid=step_valid & (positions < window_end),
             indices=idx, value_goal_indices=goal_idx,
         )

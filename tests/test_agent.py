@@ -71,6 +71,21 @@ def test_update_lowers_the_losses_on_a_fixed_batch():
     assert {"critic/q_mean", "value/v_max", "inverse/advantage_mean", "infonce/accuracy"} <= set(first)
 
 
+def test_critic_target_is_never_below_the_hindsight_return():
+    data, batch = small_batch()
+    targets = {}
+    for bound in (True, False):
+        agent = small_agent(hindsight_bound=bound)
+        agent.set_normalization(data.observations)
+        torch.nn.init.constant_(agent.targets["value"].net[-1].bias, -1e4)   # a hopeless target critic
+        z, z_next, z_goal, _ = agent.encode_batch(batch)
+        valid = batch["future_valid"].float()
+        targets[bound] = agent.critic_loss(z, z_next, z_goal, batch, valid)[1]["critic/target_mean"].item()
+    worst = -1 / (1 - agent.config.discount)
+    assert targets[False] < 10 * worst
+    assert worst <= targets[True] <= 0
+
+
 def test_act_gives_actions_in_range_for_a_batch_of_environments():
     agent = small_agent()
     windows = np.random.default_rng(0).normal(size=(7, 5, 2)).astype(np.float32) * 10

@@ -143,6 +143,18 @@ def test_kstep_return_stops_at_the_goal():
     np.testing.assert_allclose(batch["kstep_discounts"], 0.9 ** ahead, rtol=1e-6)
 
 
+def test_hindsight_return_is_the_data_paths_return_to_a_goal_ahead():
+    data = synthetic([40, 40])
+    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=0).sample(512).items()}
+    goal, idx = batch["value_goal_indices"], batch["indices"]
+    ahead = (goal >= idx) & (goal <= data.traj_ends[idx])
+    assert ahead.any() and (~ahead).any()
+    np.testing.assert_allclose(batch["hindsight_returns"][ahead], -(1 - 0.9 ** (goal - idx)[ahead]) / 0.1, rtol=1e-5)
+    np.testing.assert_allclose(batch["hindsight_returns"][~ahead], -1 / 0.1, rtol=1e-6)
+    # never above what the k-step return can still reach: the bound is achievable, not optimistic
+    assert np.all(batch["hindsight_returns"] <= batch["kstep_returns"] + 1e-5)
+
+
 def test_actor_goals_are_future_states_of_the_same_trajectory():
     data = synthetic([30, 30, 30])
     batch = WindowSampler(data, 10, 3, 0.99, seed=0).sample(128)

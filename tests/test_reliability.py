@@ -178,3 +178,14 @@ def test_online_trainer_refuses_an_existing_run_and_a_missing_checkpoint(tiny_da
         online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
                              "--checkpoint", str(tmp_path / "off" / "best_model.pth"), "--save_dir", str(existing)])
     assert (existing / "online_metrics.csv").read_text() == "episode\n0\n"
+
+
+def test_online_trainer_on_a_corrupt_dataset_is_a_clear_error(tiny_dataset_dir, tmp_path):
+    import online_trainer
+    offline_trainer.main(tiny(tiny_dataset_dir, tmp_path / "off", "--num_epochs", "1", "--eval_every", "1"))
+    directory = copy_dataset(tiny_dataset_dir, tmp_path / "data")
+    (directory / f"{TINY_DATASET}.npz").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt or incomplete"):
+        online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", str(directory),
+                             "--checkpoint", str(tmp_path / "off" / "best_model.pth"), "--save_dir", str(tmp_path / "o")])
+    assert not any((tmp_path / "o").glob("*.pth"))
