@@ -249,10 +249,10 @@ class WindowSampler:
             to_goal[commanded & (self.next_reached[idx] == np.iinfo(np.int64).max)] = np.iinfo(np.int64).max
             goal_idx = np.where(commanded, -1, goal_idx)
         goal_within_k = to_goal < steps_ahead
-        kstep_returns = -(1.0 - gamma ** np.minimum(to_goal, steps_ahead)) / (1.0 - gamma)
+        kstep_returns = return_of_reaching(np.minimum(to_goal, steps_ahead), gamma)
         # the data's own path reaches a same-trajectory goal in to_goal steps: the optimal return is at least
         # this (-1 / (1 - gamma), the worst return, where the goal is not ahead on this trajectory)
-        hindsight_returns = -(1.0 - gamma ** np.minimum(to_goal, 1 << 20)) / (1.0 - gamma)
+        hindsight_returns = return_of_reaching(np.minimum(to_goal, 1 << 20), gamma)
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
@@ -277,6 +277,11 @@ class WindowSampler:
         choice = rng.random(idx.shape)
         goals = np.where(choice < p["cur"], idx, traj_goals)
         return np.where(choice >= p["cur"] + p["traj"], random_goals, goals)
+
+
+def return_of_reaching(steps, gamma):
+    """Discounted sum of `steps` rewards of -1: the return of reaching the goal after that many steps."""
+    return -(1.0 - gamma ** steps) / (1.0 - gamma)
 
 
 def concat_batches(first, second):
