@@ -11,6 +11,7 @@ the one with the largest Q wins, the action is I(z, z', z_g).
 import copy
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ class AgentConfig:
     discount: float = 0.99
     expectile: float = 0.9
     beta: float = 3.0
+    inverse_beta: Optional[float] = 0.0
     lr: float = 3e-4
     tau: float = 0.005
     infonce_coef: float = 0.1
@@ -48,7 +50,21 @@ class AgentConfig:
     candidate_noise: float = 0.1
     num_interpolations: int = 0
     hindsight_bound: bool = False
+    subgoal_latent: str = "goal"
+    advantage: str = "kstep"
     mamba_backend: str = "auto"
+
+
+class Latents(NamedTuple):
+    z: torch.Tensor             # z_t, the encoder's output over the window
+    z_next: torch.Tensor        # z', the subgoal k steps ahead, as Q, I, the reward head and P see it
+    z_future: torch.Tensor      # z_{t+k} as a history latent, for the value bootstrap V(z_{t+k}, z_g)
+    z_value_goal: torch.Tensor
+    z_actor_goal: torch.Tensor
+
+
+SUBGOAL_LATENTS = ("goal", "history")
+ADVANTAGES = ("q", "kstep")
 
 
 def expectile_loss(diff, expectile):
@@ -81,6 +97,10 @@ class OfflineAgent:
     """Encoder + heads + EMA target critics + one Adam optimiser."""
 
     def __init__(self, config: AgentConfig, device="cpu"):
+        if config.subgoal_latent not in SUBGOAL_LATENTS:
+            raise ValueError(f"subgoal_latent must be one of {SUBGOAL_LATENTS}, got {config.subgoal_latent!r}")
+        if config.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
         self.config = config
         self.device = torch.device(device)
         self.encoder = MambaEncoder(self.encoder_config(), backend=config.mamba_backend).to(self.device)
@@ -110,18 +130,29 @@ class OfflineAgent:
     # ------------------------------------------------------------------ latents
 
     def encode_batch(self, batch):
+        """Latents of a batch: z_t (B, W, Z) from the window, the subgoal z', the future state z_{t+k}, goals.
+
+        With subgoal_latent='goal', z' = E([o_{t+k}]) is encoded like a goal: it holds only the state k steps
+        ahead, so the proposer, the critic and the inverse dynamics see at acting time the kind of z' they
+        were trained on, and I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside z_{t+k}. The
+        value bootstrap V(z_{t+k}, z_g) keeps the history latent either way (V is trained on history latents).
+        """
         z = self.encoder(batch["observations"])                                   # (B, W, Z)
-        offset = batch["future_offset"].unsqueeze(-1).expand(-1, -1, z.shape[-1])
-        z_next = torch.gather(z, 1, offset)                                       # z_{t+k}
-        z_value_goal = self.encoder.encode_goals(batch["value_goals"])
-        z_actor_goal = self.encoder.encode_goals(batch["actor_goals"])
-        return z, z_next, z_value_goal, z_actor_goal
+        offset = batch["future_offset"].unsqueeze(-1)
+        z_future = torch.gather(z, 1, offset.expand(-1, -1, z.shape[-1]))         # z_{t+k}, history latent
+        goals = [batch["value_goals"], batch["actor_goals"]]
+        if self.config.subgoal_latent == "goal":
+            observations = batch["observations"]
+            goals.append(torch.gather(observations, 1, offset.expand(-1, -1, observations.shape[-1])))
+        encoded = self.encoder.encode_goals(torch.stack(goals)).unbind(0)
+        z_subgoal = encoded[2] if self.config.subgoal_latent == "goal" else z_future
+        return Latents(z, z_subgoal, z_future, encoded[0], encoded[1])
 
     # ------------------------------------------------------------------ losses
 
-    def critic_loss(self, z, z_next, z_goal, batch, valid):
+    def critic_loss(self, z, z_next, z_future, z_goal, batch, valid):
         with torch.no_grad():
-            next_v = self.targets["value"](z_next, z_goal)
+            next_v = self.targets["value"](z_future, z_goal)
             q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
             if self.config.hindsight_bound:
                 # the data's path to a same-trajectory goal is a return the agent can achieve, so the target
@@ -163,15 +194,16 @@ class OfflineAgent:
         loss = reward_mse + done_bce
         return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
 
-    def policy_losses(self, z, z_next, z_goal, batch, valid):
+    def policy_losses(self, z, z_next, z_future, z_goal, batch, valid):
         """Inverse dynamics I(z, z', z_g) -> a and proposer P(z, z_g) -> z', both advantage-weighted."""
         with torch.no_grad():
-            q = torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal))
-            advantage = q - self.heads.value(z, z_goal)
+            advantage = self.policy_advantage(z, z_next, z_future, z_goal, batch)
             weights = advantage_weights(advantage, self.config.beta)
+            inverse_beta = self.config.beta if self.config.inverse_beta is None else self.config.inverse_beta
+            inverse_weights = advantage_weights(advantage, inverse_beta)
         action = self.heads.action(z, z_next, z_goal)
         action_error = (action - batch["actions"]).square().sum(-1)
-        inverse = masked_mean(weights * action_error, valid)
+        inverse = masked_mean(inverse_weights * action_error, valid)
         proposal = self.heads.proposer(z.detach(), z_goal.detach())
         proposer = masked_mean(weights * (proposal - z_next.detach()).square().sum(-1), valid)
         info = {"inverse/loss": inverse, "inverse/action_mse": masked_mean(action_error, valid),
@@ -179,19 +211,30 @@ class OfflineAgent:
                 "proposer/loss": proposer}
         return inverse, proposer, info
 
+    def policy_advantage(self, z, z_next, z_future, z_goal, batch):
+        """A(z, z', z_g) = Q - V(z, z_g), Q either the target critics' min ('q') or the data's own k-step
+        return to the goal plus the discounted V(z_{t+k}, z_g) ('kstep', HIQL's high-level advantage): the
+        environment is deterministic, so the k-step target is Q of the data's z' without the critic's fit error.
+        """
+        v = self.heads.value(z, z_goal)
+        if self.config.advantage == "kstep":
+            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(z_future, z_goal)
+            return batch["actor_kstep_returns"] + bootstrap - v
+        return torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal)) - v
+
     # ------------------------------------------------------------------ update
 
     def update(self, batch):
         """One gradient step on every loss; returns a dict of floats, namespaced per loss."""
         c = self.config
-        z, z_next, z_value_goal, z_actor_goal = self.encode_batch(batch)
+        z, z_next, z_future, z_value_goal, z_actor_goal = self.encode_batch(batch)
         valid = batch["future_valid"].float()
-        critic, info = self.critic_loss(z, z_next, z_value_goal, batch, valid)
+        critic, info = self.critic_loss(z, z_next, z_future, z_value_goal, batch, valid)
         value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
         infonce, infonce_info = self.infonce_loss(z, z_actor_goal, batch["step_valid"])
         state, state_info = self.state_loss(z, batch)
         reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
-        inverse, proposer, policy_info = self.policy_losses(z, z_next, z_actor_goal, batch, valid)
+        inverse, proposer, policy_info = self.policy_losses(z, z_next, z_future, z_actor_goal, batch, valid)
         total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,6 +324,9 @@ class OfflineAgent:
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
         config = dict(checkpoint["agent_config"], **overrides)
+        # checkpoints from before these options were trained with what the options now call their old values
+        for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None)):
+            config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)
         return agent

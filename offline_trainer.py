@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_agent import AgentConfig, OfflineAgent
+from offline_agent import ADVANTAGES, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
@@ -48,10 +48,16 @@ def add_model_flags(parser):
     parser.add_argument("--discount", type=unit_float, default=d.discount, help="discount gamma")
     parser.add_argument("--expectile", type=unit_float, default=d.expectile, help="expectile tau of the value loss")
     parser.add_argument("--beta", type=float, default=d.beta, help="inverse temperature of the advantage weights")
+    parser.add_argument("--inverse_beta", type=float, default=d.inverse_beta,
+                        help="inverse temperature of the inverse dynamics' weights (None: --beta; 0: unweighted)")
     parser.add_argument("--tau", type=unit_float, default=d.tau, help="EMA rate of the target critics")
     parser.add_argument("--infonce_coef", type=float, default=d.infonce_coef, help="weight of the InfoNCE loss")
     parser.add_argument("--hindsight_bound", type=int, choices=[0, 1], default=int(d.hindsight_bound),
                         help="1: critic targets are at least the return of the data's own path to the goal")
+    parser.add_argument("--subgoal_latent", choices=list(SUBGOAL_LATENTS), default=d.subgoal_latent,
+                        help="z' as the goal encoder's latent of o_{t+k} ('goal'), or the window's z_{t+k} ('history')")
+    parser.add_argument("--advantage", choices=list(ADVANTAGES), default=d.advantage,
+                        help="AWR advantage of I and P: target critics' Q - V ('q'), or k-step return + V(z_{t+k}) - V ('kstep')")
     parser.add_argument("--num_noisy_candidates", type=int, default=d.num_noisy_candidates,
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,

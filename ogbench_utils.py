@@ -185,6 +185,7 @@ class WindowSampler:
       hindsight_returns  the discounted return of the data's own path to the goal (a lower bound on the
                       optimal return); -1 / (1 - discount) where the goal is not ahead on the trajectory
       actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
+      actor_kstep_returns/_masks  kstep_returns and kstep_masks towards the actor goal
       next_valid      t + 1 is inside the window and the trajectory
     """
 
@@ -256,6 +257,7 @@ class WindowSampler:
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
+        to_actor_goal = actor_goals - idx
 
         batch = dict(
             observations=obs[idx], actions=self.data.actions[idx], step_valid=step_valid,
@@ -264,7 +266,9 @@ class WindowSampler:
             masks=1.0 - success.astype(np.float32), successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
             kstep_discounts=(gamma ** steps_ahead).astype(np.float32), hindsight_returns=hindsight_returns.astype(np.float32),
-            actor_goals=obs[actor_goals], next_valid=step_valid & (positions < window_end),
+            actor_goals=obs[actor_goals],
+            actor_kstep_returns=return_of_reaching(np.minimum(to_actor_goal, steps_ahead), gamma).astype(np.float32),
+            actor_kstep_masks=(to_actor_goal >= steps_ahead).astype(np.float32), next_valid=step_valid & (positions < window_end),
             indices=idx, value_goal_indices=goal_idx,
         )
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}

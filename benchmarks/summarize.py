@@ -1,4 +1,4 @@
-"""Mean +/- std over seeds of the final evaluation of offline runs (or the best greedy one of online runs).
+"""Mean +/- std over seeds of the final evaluation of runs (offline or online), and its change from the first.
 
     python benchmarks/summarize.py runs/bench/navigate-seed*
 """

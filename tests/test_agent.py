@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from offline_agent import AgentConfig, OfflineAgent, advantage_weights, expectile_loss, info_nce_loss
@@ -78,12 +79,54 @@ def test_critic_target_is_never_below_the_hindsight_return():
         agent = small_agent(hindsight_bound=bound)
         agent.set_normalization(data.observations)
         torch.nn.init.constant_(agent.targets["value"].net[-1].bias, -1e4)   # a hopeless target critic
-        z, z_next, z_goal, _ = agent.encode_batch(batch)
+        latents = agent.encode_batch(batch)
         valid = batch["future_valid"].float()
-        targets[bound] = agent.critic_loss(z, z_next, z_goal, batch, valid)[1]["critic/target_mean"].item()
+        info = agent.critic_loss(latents.z, latents.z_next, latents.z_future, latents.z_value_goal, batch, valid)[1]
+        targets[bound] = info["critic/target_mean"].item()
     worst = -1 / (1 - agent.config.discount)
     assert targets[False] < 10 * worst
     assert worst <= targets[True] <= 0
+
+
+def test_goal_style_subgoal_is_the_goal_encoding_of_the_state_k_steps_ahead():
+    data, batch = small_batch()
+    for kind in ("goal", "history"):
+        agent = small_agent(subgoal_latent=kind)
+        agent.set_normalization(data.observations)
+        with torch.no_grad():
+            latents = agent.encode_batch(batch)
+            b, i = 1, 2
+            state_ahead = batch["observations"][b, batch["future_offset"][b, i]]
+            goal_style = agent.encoder.encode_goals(state_ahead)
+            history = agent.encoder(batch["observations"])[b, batch["future_offset"][b, i]]
+        assert torch.allclose(latents.z_future[b, i], history, atol=1e-5)   # the bootstrap keeps the history
+        expected = goal_style if kind == "goal" else history
+        assert torch.allclose(latents.z_next[b, i], expected, atol=1e-5)
+
+
+def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value():
+    data, batch = small_batch()
+    agent = small_agent(advantage="kstep")
+    agent.set_normalization(data.observations)
+    with torch.no_grad():
+        lat = agent.encode_batch(batch)
+        advantage = agent.policy_advantage(lat.z, lat.z_next, lat.z_future, lat.z_actor_goal, batch)
+        v_now = agent.heads.value(lat.z, lat.z_actor_goal)
+        v_ahead = agent.heads.value(lat.z_future, lat.z_actor_goal)
+    reached = batch["actor_kstep_masks"] == 0
+    assert reached.any() and (~reached).any()
+    expected = batch["actor_kstep_returns"] + batch["kstep_discounts"] * v_ahead * (~reached) - v_now
+    torch.testing.assert_close(advantage, expected)
+
+
+def test_checkpoints_from_before_the_subgoal_option_load_with_history_subgoals():
+    state = small_agent(subgoal_latent="history").state_dict()
+    for key in ("subgoal_latent", "advantage", "inverse_beta"):
+        del state["agent_config"][key]
+    config = OfflineAgent.from_checkpoint(state).config
+    assert (config.subgoal_latent, config.advantage, config.inverse_beta) == ("history", "q", None)
+    with pytest.raises(ValueError, match="subgoal_latent"):
+        small_agent(subgoal_latent="future")
 
 
 def test_act_gives_actions_in_range_for_a_batch_of_environments():

@@ -164,6 +164,17 @@ def test_actor_goals_are_future_states_of_the_same_trajectory():
     assert np.all((goal_idx >= np.minimum(idx + 1, ends)) & (goal_idx <= ends))
 
 
+def test_actor_kstep_return_stops_at_the_actor_goal():
+    batch = {k: v.numpy() for k, v in WindowSampler(synthetic([40]), 10, 4, 0.9, seed=1).sample(512).items()}
+    to_goal = batch["actor_goals"][..., 0].astype(int) - batch["indices"]
+    ahead = np.take_along_axis(batch["indices"], batch["future_offset"], 1) - batch["indices"]
+    near, far = (to_goal < ahead), (to_goal >= ahead) & (ahead > 0)
+    assert near.any() and far.any()
+    np.testing.assert_allclose(batch["actor_kstep_returns"][near], -(1 - 0.9 ** to_goal[near]) / 0.1, rtol=1e-5)
+    np.testing.assert_allclose(batch["actor_kstep_returns"][far], -(1 - 0.9 ** ahead[far]) / 0.1, rtol=1e-5)
+    assert np.all(batch["actor_kstep_masks"][near] == 0) and np.all(batch["actor_kstep_masks"][far] == 1)
+
+
 def test_generator_command_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ogbench_utils.main(["generate", TINY_DATASET, "--episodes", "0"])
