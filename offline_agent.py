@@ -1,10 +1,11 @@
 """The offline OPSO agent: losses, one update on a batch of windows, and acting by policy search.
 
-Losses (SPEC.md, "Offline training"): a k-step critic Q(z_t, z_{t+k}, z_g) with clipped double Q and
-EMA targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023), an expectile
-value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a state and a future state of its
-trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, and advantage-weighted
-inverse dynamics and subgoal proposer (AWR, Peng et al., 2019).
+Losses (SPEC.md, "Offline training"): a k-step critic Q(z_t, z', z_g), z' the subgoal k steps ahead, with
+clipped double Q and EMA targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023),
+an expectile value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a state and a future state
+of its trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, inverse dynamics and an
+advantage-weighted subgoal proposer (AWR, Peng et al., 2019); the inverse dynamics' own weights have
+their own temperature (`inverse_beta`, 0 by default: measured, see BENCHMARKS.md).
 Acting: candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)),
 the one with the largest Q wins, the action is I(z, z', z_g).
 """
@@ -52,6 +53,7 @@ class AgentConfig:
     hindsight_bound: bool = False
     subgoal_latent: str = "goal"
     advantage: str = "kstep"
+    inverse_state: str = "history"
     mamba_backend: str = "auto"
 
 
@@ -61,10 +63,12 @@ class Latents(NamedTuple):
     z_future: torch.Tensor      # z_{t+k} as a history latent, for the value bootstrap V(z_{t+k}, z_g)
     z_value_goal: torch.Tensor
     z_actor_goal: torch.Tensor
+    z_state: torch.Tensor       # the inverse dynamics' state input: z_t, or E([o_t]) (inverse_state='observation')
 
 
 SUBGOAL_LATENTS = ("goal", "history")
 ADVANTAGES = ("q", "kstep")
+INVERSE_STATES = ("history", "observation")
 
 
 def expectile_loss(diff, expectile):
@@ -99,6 +103,8 @@ class OfflineAgent:
     def __init__(self, config: AgentConfig, device="cpu"):
         if config.subgoal_latent not in SUBGOAL_LATENTS:
             raise ValueError(f"subgoal_latent must be one of {SUBGOAL_LATENTS}, got {config.subgoal_latent!r}")
+        if config.inverse_state not in INVERSE_STATES:
+            raise ValueError(f"inverse_state must be one of {INVERSE_STATES}, got {config.inverse_state!r}")
         if config.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
         self.config = config
@@ -140,13 +146,15 @@ class OfflineAgent:
         z = self.encoder(batch["observations"])                                   # (B, W, Z)
         offset = batch["future_offset"].unsqueeze(-1)
         z_future = torch.gather(z, 1, offset.expand(-1, -1, z.shape[-1]))         # z_{t+k}, history latent
-        goals = [batch["value_goals"], batch["actor_goals"]]
+        observations = batch["observations"]
+        goals = {"value": batch["value_goals"], "actor": batch["actor_goals"]}
         if self.config.subgoal_latent == "goal":
-            observations = batch["observations"]
-            goals.append(torch.gather(observations, 1, offset.expand(-1, -1, observations.shape[-1])))
-        encoded = self.encoder.encode_goals(torch.stack(goals)).unbind(0)
-        z_subgoal = encoded[2] if self.config.subgoal_latent == "goal" else z_future
-        return Latents(z, z_subgoal, z_future, encoded[0], encoded[1])
+            goals["subgoal"] = torch.gather(observations, 1, offset.expand(-1, -1, observations.shape[-1]))
+        if self.config.inverse_state == "observation":
+            goals["state"] = observations
+        encoded = dict(zip(goals, self.encoder.encode_goals(torch.stack(list(goals.values()))).unbind(0)))
+        return Latents(z, encoded.get("subgoal", z_future), z_future, encoded["value"], encoded["actor"],
+                       encoded.get("state", z))
 
     # ------------------------------------------------------------------ losses
 
@@ -194,14 +202,14 @@ class OfflineAgent:
         loss = reward_mse + done_bce
         return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
 
-    def policy_losses(self, z, z_next, z_future, z_goal, batch, valid):
+    def policy_losses(self, z, z_state, z_next, z_future, z_goal, batch, valid):
         """Inverse dynamics I(z, z', z_g) -> a and proposer P(z, z_g) -> z', both advantage-weighted."""
         with torch.no_grad():
             advantage = self.policy_advantage(z, z_next, z_future, z_goal, batch)
             weights = advantage_weights(advantage, self.config.beta)
             inverse_beta = self.config.beta if self.config.inverse_beta is None else self.config.inverse_beta
             inverse_weights = advantage_weights(advantage, inverse_beta)
-        action = self.heads.action(z, z_next, z_goal)
+        action = self.heads.action(z_state, z_next, z_goal)
         action_error = (action - batch["actions"]).square().sum(-1)
         inverse = masked_mean(inverse_weights * action_error, valid)
         proposal = self.heads.proposer(z.detach(), z_goal.detach())
@@ -227,14 +235,14 @@ class OfflineAgent:
     def update(self, batch):
         """One gradient step on every loss; returns a dict of floats, namespaced per loss."""
         c = self.config
-        z, z_next, z_future, z_value_goal, z_actor_goal = self.encode_batch(batch)
+        z, z_next, z_future, z_value_goal, z_actor_goal, z_state = self.encode_batch(batch)
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(z, z_next, z_future, z_value_goal, batch, valid)
         value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
         infonce, infonce_info = self.infonce_loss(z, z_actor_goal, batch["step_valid"])
         state, state_info = self.state_loss(z, batch)
         reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
-        inverse, proposer, policy_info = self.policy_losses(z, z_next, z_future, z_actor_goal, batch, valid)
+        inverse, proposer, policy_info = self.policy_losses(z, z_state, z_next, z_future, z_actor_goal, batch, valid)
         total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         self.optimizer.zero_grad(set_to_none=True)
@@ -297,7 +305,19 @@ class OfflineAgent:
         """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps."""
         z, z_goal = self.latents(observation_windows, goals)
         z_next = self.search_subgoal(z, z_goal)
-        return self.heads.action(z, z_next, z_goal).clamp(-1, 1).cpu().numpy()
+        observations = torch.as_tensor(np.asarray(observation_windows)[:, -1], dtype=torch.float32, device=self.device)
+        return self.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).cpu().numpy()
+
+    def inverse_action(self, z, observations, z_next, z_goal):
+        """I(z, z', z_g) in [-1, 1], its state input z_t or, with inverse_state='observation', E([o_t]).
+
+        The history holds the velocity and so the last action; an inverse dynamics that sees it can learn
+        to repeat that action (the copycat problem of behaviour cloning from histories) and stall once
+        it slows down. E([o_t]) holds the current observation only.
+        """
+        if self.config.inverse_state == "observation":
+            z = self.encoder.encode_goals(observations)
+        return self.heads.action(z, z_next, z_goal)
 
     def make_actor(self, goals, mode="recurrent", streams=2):
         """A stateful greedy policy for a batch of episodes that all start now (see the actor classes)."""
@@ -382,12 +402,15 @@ class RecurrentActor:
     def act(self, observations):
         z = self.latent(observations)
         z_next = self.agent.search_subgoal(z, self.z_goal)
-        return self.agent.heads.action(z, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+        return self.agent.inverse_action(z, self.observation_tensor(observations), z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+
+    def observation_tensor(self, observations):
+        return torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.agent.device)
 
     @torch.no_grad()
     def latent(self, observations):
         """Feed one observation per episode; the latent of the oldest stream."""
-        obs = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.agent.device)
+        obs = self.observation_tensor(observations)
         if self.t % self.period == 0:                       # restart the stream whose turn it is
             s = (self.t // self.period) % self.streams
             self.caches[s], self.starts[s] = self.agent.encoder.allocate_inference_cache(len(obs)), self.t

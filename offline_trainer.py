@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_agent import ADVANTAGES, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
+from offline_agent import ADVANTAGES, INVERSE_STATES, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
@@ -58,6 +58,8 @@ def add_model_flags(parser):
                         help="z' as the goal encoder's latent of o_{t+k} ('goal'), or the window's z_{t+k} ('history')")
     parser.add_argument("--advantage", choices=list(ADVANTAGES), default=d.advantage,
                         help="AWR advantage of I and P: target critics' Q - V ('q'), or k-step return + V(z_{t+k}) - V ('kstep')")
+    parser.add_argument("--inverse_state", choices=list(INVERSE_STATES), default=d.inverse_state,
+                        help="state input of the inverse dynamics: the history latent z_t, or E([o_t]) ('observation')")
     parser.add_argument("--num_noisy_candidates", type=int, default=d.num_noisy_candidates,
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,

@@ -59,7 +59,7 @@ class ExploringActor(RecurrentActor):
         z = self.latent(observations)
         z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon)
         self.explored_steps += int(explored.sum())
-        action = self.agent.heads.action(z, z_next, self.z_goal)
+        action = self.agent.inverse_action(z, self.observation_tensor(observations), z_next, self.z_goal)
         action = action + self.action_noise * torch.randn_like(action)
         return action.clamp(-1, 1).cpu().numpy()
 

@@ -58,7 +58,8 @@ class SubgoalOverride:
                 z_next = z_goal
             else:
                 z_next = self.agent.encoder.encode_goals(torch.as_tensor(self.oracle.subgoals(observations)))
-            return self.agent.heads.action(z, z_next, z_goal).clamp(-1, 1).numpy()
+            observations = torch.as_tensor(np.asarray(observations), dtype=torch.float32)
+            return self.agent.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).numpy()
 
     def keep(self, rows):
         self.actor.keep(rows)

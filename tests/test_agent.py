@@ -104,6 +104,22 @@ def test_goal_style_subgoal_is_the_goal_encoding_of_the_state_k_steps_ahead():
         assert torch.allclose(latents.z_next[b, i], expected, atol=1e-5)
 
 
+def test_observation_inverse_state_ignores_the_history():
+    data, batch = small_batch()
+    agent = small_agent(inverse_state="observation")
+    agent.set_normalization(data.observations)
+    with torch.no_grad():
+        lat = agent.encode_batch(batch)
+        torch.testing.assert_close(lat.z_state, agent.encoder.encode_goals(batch["observations"]))
+        obs, z_next, z_goal = batch["observations"][:, -1], lat.z_next[:, 0], lat.z_actor_goal[:, 0]
+        one = agent.inverse_action(lat.z[:, -1], obs, z_next, z_goal)
+        other = agent.inverse_action(torch.randn_like(lat.z[:, -1]), obs, z_next, z_goal)
+        torch.testing.assert_close(one, other)
+        history = small_agent(inverse_state="history")
+        assert not torch.allclose(history.inverse_action(lat.z[:, -1], obs, z_next, z_goal),
+                                  history.inverse_action(torch.randn_like(lat.z[:, -1]), obs, z_next, z_goal))
+
+
 def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value():
     data, batch = small_batch()
     agent = small_agent(advantage="kstep")
