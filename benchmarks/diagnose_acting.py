@@ -9,6 +9,7 @@ and, as a ceiling for this environment, the oracle policy itself (unit step towa
 no learning). Pointmaze only (the oracle needs the maze's map).
 
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth [--modes search,proposer,goal,oracle,oracle_policy]
+    python benchmarks/diagnose_acting.py runs/offline/last_model.pth --trace 4     # one episode of task 4, oracle subgoals
 """
 import argparse
 
@@ -66,6 +67,25 @@ class SubgoalOverride:
         self.oracle.keep(rows)
 
 
+def trace_episode(agent, dataset, task, seed, steps=400, every=40):
+    """Position, oracle subgoal, the action I gives for it and the oracle's direction, every `every` steps."""
+    env = make_env(dataset)
+    observation, info = env.reset(seed=seed, options=dict(task_id=task))
+    actor = SubgoalOverride(agent, env.unwrapped, info["goal"][None], "oracle")
+    print(f"task {task}: goal {np.round(info['goal'][:2], 2)}")
+    for t in range(steps):
+        subgoal = actor.oracle.subgoals(observation[None])[0]
+        action = actor.act(observation[None])[0]
+        if t % every == 0:
+            direction = (subgoal - observation[:2]) / (np.linalg.norm(subgoal - observation[:2]) + 1e-6)
+            print(f"  t {t:3d}  position {np.round(observation[:2], 2)}  subgoal {np.round(subgoal, 2)}  "
+                  f"action {np.round(action, 2)}  oracle direction {np.round(direction, 2)}")
+        observation, _, _, _, info = env.step(action)
+        if info.get("success"):
+            print(f"  success at t {t}")
+            return
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -73,9 +93,13 @@ def main():
     parser.add_argument("--modes", default="search,proposer,goal,oracle,oracle_policy")
     parser.add_argument("--eval_episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", type=int, default=None, metavar="TASK",
+                        help="instead of evaluating, print one episode of this task with oracle subgoals")
     args = parser.parse_args()
     print(machine_line())
     agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint))
+    if args.trace is not None:
+        return trace_episode(agent, args.dataset, args.trace, args.seed)
     maze = make_env(args.dataset).unwrapped
 
     class Agent:  # evaluate() asks its agent for an actor
