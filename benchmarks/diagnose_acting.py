@@ -10,6 +10,7 @@ no learning). Pointmaze only (the oracle needs the maze's map).
 
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth [--modes search,proposer,goal,oracle,oracle_policy]
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --trace 4     # one episode of task 4, oracle subgoals
+    python benchmarks/diagnose_acting.py runs/offline/last_model.pth --distances   # I(z, E([o_{t+d}]), z_g) on the data
 """
 import argparse
 
@@ -18,7 +19,7 @@ import torch
 
 from common import machine_line
 from offline_agent import OfflineAgent
-from ogbench_utils import evaluate, make_env
+from ogbench_utils import GENERATED_DATASET_DIR, dataset_paths, evaluate, make_env
 from utils import load_checkpoint
 
 
@@ -86,6 +87,35 @@ def trace_episode(agent, dataset, task, seed, steps=400, every=40):
             return
 
 
+def inverse_by_subgoal_distance(agent, dataset_file, windows=64, seed=0, distances=(1, 5, 10, 25, 50), goal_ahead=60):
+    """On dataset windows: the inverse dynamics' action for the data's own state d steps ahead as z'.
+
+    Prints, per d, the mean distance to that state, the mean action norm and the mean cosine between the
+    action and the displacement: how far from the training distance k the inverse dynamics still steers.
+    """
+    data = np.load(dataset_file)
+    observations, actions = data["observations"], data["actions"]
+    ends = np.flatnonzero(data["terminals"])
+    length, rng = agent.context_length, np.random.default_rng(seed)
+    starts_of = np.r_[0, ends[:-1] + 1]
+    room = ends - starts_of + 1 - length - goal_ahead
+    episodes = rng.choice(np.flatnonzero(room > 0), size=windows)
+    starts = starts_of[episodes] + rng.integers(0, room[episodes])
+    now = starts + length - 1
+    with torch.no_grad():
+        z = agent.encoder(torch.as_tensor(np.stack([observations[s:s + length] for s in starts])))[:, -1]
+        z_goal = agent.encoder.encode_goals(torch.as_tensor(observations[now + goal_ahead]))
+        print(f"data actions: mean norm {np.linalg.norm(actions[now], axis=1).mean():.2f}; goal {goal_ahead} steps ahead")
+        for d in distances:
+            z_next = agent.encoder.encode_goals(torch.as_tensor(observations[now + d]))
+            action = agent.inverse_action(z, torch.as_tensor(observations[now]), z_next, z_goal).numpy()
+            offset = observations[now + d, :action.shape[1]] - observations[now, :action.shape[1]]
+            norm = np.linalg.norm(action, axis=1)
+            cosine = (action * offset).sum(1) / (norm * np.linalg.norm(offset, axis=1) + 1e-9)
+            print(f"  d {d:3d}: distance {np.linalg.norm(offset, axis=1).mean():.2f}  action norm {norm.mean():.2f}  "
+                  f"cos(action, displacement) {cosine.mean():+.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -95,11 +125,16 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", type=int, default=None, metavar="TASK",
                         help="instead of evaluating, print one episode of this task with oracle subgoals")
+    parser.add_argument("--distances", action="store_true",
+                        help="instead of evaluating, probe the inverse dynamics with subgoals d steps ahead in the data")
+    parser.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR, help="where the dataset file is (for --distances)")
     args = parser.parse_args()
     print(machine_line())
     agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint))
     if args.trace is not None:
         return trace_episode(agent, args.dataset, args.trace, args.seed)
+    if args.distances:
+        return inverse_by_subgoal_distance(agent, dataset_paths(args.dataset, args.dataset_dir)[0], seed=args.seed)
     maze = make_env(args.dataset).unwrapped
 
     class Agent:  # evaluate() asks its agent for an actor
