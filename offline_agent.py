@@ -54,6 +54,7 @@ class AgentConfig:
     subgoal_latent: str = "goal"
     advantage: str = "kstep"
     inverse_state: str = "history"
+    inverse_subgoal: str = "k"
     mamba_backend: str = "auto"
 
 
@@ -64,11 +65,13 @@ class Latents(NamedTuple):
     z_value_goal: torch.Tensor
     z_actor_goal: torch.Tensor
     z_state: torch.Tensor       # the inverse dynamics' state input: z_t, or E([o_t]) (inverse_state='observation')
+    z_inverse_next: torch.Tensor  # the inverse dynamics' subgoal: z', or the one d ~ U{1..k} steps ahead ('uniform')
 
 
 SUBGOAL_LATENTS = ("goal", "history")
 ADVANTAGES = ("q", "kstep")
 INVERSE_STATES = ("history", "observation")
+INVERSE_SUBGOALS = ("k", "uniform")
 
 
 def expectile_loss(diff, expectile):
@@ -105,6 +108,8 @@ class OfflineAgent:
             raise ValueError(f"subgoal_latent must be one of {SUBGOAL_LATENTS}, got {config.subgoal_latent!r}")
         if config.inverse_state not in INVERSE_STATES:
             raise ValueError(f"inverse_state must be one of {INVERSE_STATES}, got {config.inverse_state!r}")
+        if config.inverse_subgoal not in INVERSE_SUBGOALS:
+            raise ValueError(f"inverse_subgoal must be one of {INVERSE_SUBGOALS}, got {config.inverse_subgoal!r}")
         if config.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
         self.config = config
@@ -152,9 +157,19 @@ class OfflineAgent:
             goals["subgoal"] = torch.gather(observations, 1, offset.expand(-1, -1, observations.shape[-1]))
         if self.config.inverse_state == "observation":
             goals["state"] = observations
+        uniform = self.config.inverse_subgoal == "uniform"
+        inverse_offset = batch["inverse_offset"].unsqueeze(-1) if uniform else None
+        if uniform and self.config.subgoal_latent == "goal":
+            goals["inverse"] = torch.gather(observations, 1, inverse_offset.expand(-1, -1, observations.shape[-1]))
         encoded = dict(zip(goals, self.encoder.encode_goals(torch.stack(list(goals.values()))).unbind(0)))
-        return Latents(z, encoded.get("subgoal", z_future), z_future, encoded["value"], encoded["actor"],
-                       encoded.get("state", z))
+        z_next = encoded.get("subgoal", z_future)
+        if uniform:
+            z_inverse_next = encoded.get("inverse")
+            if z_inverse_next is None:
+                z_inverse_next = torch.gather(z, 1, inverse_offset.expand(-1, -1, z.shape[-1]))
+        else:
+            z_inverse_next = z_next
+        return Latents(z, z_next, z_future, encoded["value"], encoded["actor"], encoded.get("state", z), z_inverse_next)
 
     # ------------------------------------------------------------------ losses
 
@@ -202,14 +217,14 @@ class OfflineAgent:
         loss = reward_mse + done_bce
         return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
 
-    def policy_losses(self, z, z_state, z_next, z_future, z_goal, batch, valid):
+    def policy_losses(self, z, z_state, z_next, z_inverse_next, z_future, z_goal, batch, valid):
         """Inverse dynamics I(z, z', z_g) -> a and proposer P(z, z_g) -> z', both advantage-weighted."""
         with torch.no_grad():
             advantage = self.policy_advantage(z, z_next, z_future, z_goal, batch)
             weights = advantage_weights(advantage, self.config.beta)
             inverse_beta = self.config.beta if self.config.inverse_beta is None else self.config.inverse_beta
             inverse_weights = advantage_weights(advantage, inverse_beta)
-        action = self.heads.action(z_state, z_next, z_goal)
+        action = self.heads.action(z_state, z_inverse_next, z_goal)
         action_error = (action - batch["actions"]).square().sum(-1)
         inverse = masked_mean(inverse_weights * action_error, valid)
         proposal = self.heads.proposer(z.detach(), z_goal.detach())
@@ -235,14 +250,14 @@ class OfflineAgent:
     def update(self, batch):
         """One gradient step on every loss; returns a dict of floats, namespaced per loss."""
         c = self.config
-        z, z_next, z_future, z_value_goal, z_actor_goal, z_state = self.encode_batch(batch)
+        z, z_next, z_future, z_value_goal, z_actor_goal, z_state, z_inverse_next = self.encode_batch(batch)
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(z, z_next, z_future, z_value_goal, batch, valid)
         value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
         infonce, infonce_info = self.infonce_loss(z, z_actor_goal, batch["step_valid"])
         state, state_info = self.state_loss(z, batch)
         reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
-        inverse, proposer, policy_info = self.policy_losses(z, z_state, z_next, z_future, z_actor_goal, batch, valid)
+        inverse, proposer, policy_info = self.policy_losses(z, z_state, z_next, z_inverse_next, z_future, z_actor_goal, batch, valid)
         total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         self.optimizer.zero_grad(set_to_none=True)

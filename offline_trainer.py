@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_agent import ADVANTAGES, INVERSE_STATES, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
+from offline_agent import ADVANTAGES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
@@ -60,6 +60,8 @@ def add_model_flags(parser):
                         help="AWR advantage of I and P: target critics' Q - V ('q'), or k-step return + V(z_{t+k}) - V ('kstep')")
     parser.add_argument("--inverse_state", choices=list(INVERSE_STATES), default=d.inverse_state,
                         help="state input of the inverse dynamics: the history latent z_t, or E([o_t]) ('observation')")
+    parser.add_argument("--inverse_subgoal", choices=list(INVERSE_SUBGOALS), default=d.inverse_subgoal,
+                        help="subgoals of the inverse dynamics' training: k steps ahead, or d ~ U{1..k} ('uniform')")
     parser.add_argument("--num_noisy_candidates", type=int, default=d.num_noisy_candidates,
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,
@@ -163,7 +165,7 @@ def main(argv=None):
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
 
     sampler = WindowSampler(train, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount,
-                            seed=args.seed)
+                            seed=args.seed, inverse_subgoals=agent.config.inverse_subgoal == "uniform")
     if args.resume:
         sampler.rng.bit_generator.state = checkpoint["rng_sampler"]
     if sampler.window_length < args.context_length:

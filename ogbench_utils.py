@@ -175,6 +175,8 @@ class WindowSampler:
     (dataset index i):
       future_offset   position of min(i + k, window end) in the window (k = subgoal_steps)
       future_valid    the future is exactly k ahead, or the trajectory ended before
+      inverse_offset  (with inverse_subgoals) position of min(i + d, window end), d uniform in 1..k:
+                      subgoals for the inverse dynamics at several distances
       value_goals     OGBench value goals: current (0.2), same-trajectory future at a geometric offset
                       with p = 1 - discount (0.5), random dataset state (0.3); on online data a share
                       `commanded_goal_prob` of them is replaced by the goal the agent was given
@@ -190,7 +192,7 @@ class WindowSampler:
     """
 
     def __init__(self, data: Trajectories, context_length, subgoal_steps, discount, seed=0,
-                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0):
+                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0, inverse_subgoals=False):
         if abs(sum(goal_probs.values()) - 1.0) > 1e-6:
             raise ValueError(f"goal probabilities must sum to 1, got {goal_probs}")
         self.data = data
@@ -199,6 +201,7 @@ class WindowSampler:
         self.discount = discount
         self.goal_probs = goal_probs
         self.commanded_goal_prob = commanded_goal_prob
+        self.inverse_subgoals = inverse_subgoals   # draw inverse_offset (an extra draw, so off unless used)
         self.rng = np.random.default_rng(seed)
         self.refresh()
 
@@ -262,6 +265,7 @@ class WindowSampler:
         batch = dict(
             observations=obs[idx], actions=self.data.actions[idx], step_valid=step_valid,
             future_offset=future - starts[:, None], future_valid=future_valid,
+
             value_goals=value_goals, rewards=success.astype(np.float32) - 1.0,
             masks=1.0 - success.astype(np.float32), successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
@@ -271,6 +275,8 @@ class WindowSampler:
             actor_kstep_masks=(to_actor_goal >= steps_ahead).astype(np.float32), next_valid=step_valid & (positions < window_end),
             indices=idx, value_goal_indices=goal_idx,
         )
+        if self.inverse_subgoals:
+            batch["inverse_offset"] = np.minimum(idx + rng.integers(1, k + 1, size=idx.shape), window_end) - starts[:, None]
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
 
     def _value_goal_indices(self, idx, traj_end):

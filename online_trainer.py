@@ -132,10 +132,12 @@ def main(argv=None):
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
     c = agent.config
-    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed)
+    uniform = c.inverse_subgoal == "uniform"
+    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed,
+                                    inverse_subgoals=uniform)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
     online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
-                                   commanded_goal_prob=args.commanded_goal_prob)
+                                   commanded_goal_prob=args.commanded_goal_prob, inverse_subgoals=uniform)
     goal_rng = np.random.default_rng(args.seed)
     start = time.time()
     if args.resume:

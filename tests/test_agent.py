@@ -120,6 +120,21 @@ def test_observation_inverse_state_ignores_the_history():
                                   history.inverse_action(torch.randn_like(lat.z[:, -1]), obs, z_next, z_goal))
 
 
+def test_uniform_inverse_subgoal_is_the_goal_encoding_of_the_sampled_state():
+    data = small_batch()[0]
+    sampler = WindowSampler(data, context_length=12, subgoal_steps=3, discount=0.99, seed=0, inverse_subgoals=True)
+    batch = sampler.sample(4)
+    agent = small_agent(inverse_subgoal="uniform")
+    agent.set_normalization(data.observations)
+    with torch.no_grad():
+        lat = agent.encode_batch(batch)
+        b, i = 2, 1
+        state = batch["observations"][b, batch["inverse_offset"][b, i]]
+        torch.testing.assert_close(lat.z_inverse_next[b, i], agent.encoder.encode_goals(state))
+    info = agent.update(batch)
+    assert np.isfinite(info["inverse/loss"])
+
+
 def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value():
     data, batch = small_batch()
     agent = small_agent(advantage="kstep")

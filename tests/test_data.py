@@ -164,6 +164,21 @@ def test_actor_goals_are_future_states_of_the_same_trajectory():
     assert np.all((goal_idx >= np.minimum(idx + 1, ends)) & (goal_idx <= ends))
 
 
+def test_inverse_subgoals_lie_1_to_k_steps_ahead_and_leave_the_other_draws_alone():
+    data = synthetic([40, 40])
+    plain = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=2).sample(256).items()}
+    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=2, inverse_subgoals=True).sample(256).items()}
+    assert "inverse_offset" not in plain
+    for key in plain:
+        np.testing.assert_array_equal(batch[key], plain[key])
+    ahead = np.take_along_axis(batch["indices"], batch["inverse_offset"], 1) - batch["indices"]
+    valid = batch["future_valid"]
+    assert np.all((ahead[valid] >= 1) & (ahead[valid] <= 4))
+    assert len(np.unique(ahead[valid])) == 4
+    traj = np.searchsorted(data.traj_ends, batch["indices"])
+    assert np.array_equal(np.searchsorted(data.traj_ends, np.take_along_axis(batch["indices"], batch["inverse_offset"], 1)), traj)
+
+
 def test_actor_kstep_return_stops_at_the_actor_goal():
     batch = {k: v.numpy() for k, v in WindowSampler(synthetic([40]), 10, 4, 0.9, seed=1).sample(512).items()}
     to_goal = batch["actor_goals"][..., 0].astype(int) - batch["indices"]
