@@ -54,7 +54,7 @@ class AgentConfig:
     subgoal_latent: str = "goal"
     advantage: str = "kstep"
     inverse_state: str = "history"
-    inverse_subgoal: str = "k"
+    inverse_subgoal: str = "uniform"
     mamba_backend: str = "auto"
 
 
@@ -360,7 +360,8 @@ class OfflineAgent:
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
         config = dict(checkpoint["agent_config"], **overrides)
         # checkpoints from before these options were trained with what the options now call their old values
-        for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None)):
+        for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
+                               ("inverse_subgoal", "k")):
             config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)

@@ -38,7 +38,8 @@ def main():
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, context_length=args.context_length,
                                      mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = WindowSampler(data, args.context_length, agent.config.subgoal_steps, agent.config.discount)
+    sampler = WindowSampler(data, args.context_length, agent.config.subgoal_steps, agent.config.discount,
+                            inverse_subgoals=agent.config.inverse_subgoal == "uniform")
     batches = [sampler.sample(args.batch_size) for _ in range(4)]
     counter = iter(range(10**9))
     seconds = median_seconds(lambda: agent.update(batches[next(counter) % 4]), args.repeats)

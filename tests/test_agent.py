@@ -26,7 +26,7 @@ def small_batch(seed=0):
     obs = np.cumsum(rng.normal(size=(sum(lengths), 2)), 0).astype(np.float32)
     actions = np.clip(rng.normal(size=(sum(lengths), 2)), -1, 1).astype(np.float32)
     data = Trajectories.from_terminals(obs, actions, terminals)
-    return data, WindowSampler(data, 12, 3, 0.99, seed=seed).sample(8)
+    return data, WindowSampler(data, 12, 3, 0.99, seed=seed, inverse_subgoals=True).sample(8)
 
 
 def test_expectile_loss_hand_computed():
@@ -152,10 +152,11 @@ def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_va
 
 def test_checkpoints_from_before_the_subgoal_option_load_with_history_subgoals():
     state = small_agent(subgoal_latent="history").state_dict()
-    for key in ("subgoal_latent", "advantage", "inverse_beta"):
+    for key in ("subgoal_latent", "advantage", "inverse_beta", "inverse_subgoal"):
         del state["agent_config"][key]
     config = OfflineAgent.from_checkpoint(state).config
-    assert (config.subgoal_latent, config.advantage, config.inverse_beta) == ("history", "q", None)
+    assert (config.subgoal_latent, config.advantage, config.inverse_beta, config.inverse_subgoal) == (
+        "history", "q", None, "k")
     with pytest.raises(ValueError, match="subgoal_latent"):
         small_agent(subgoal_latent="future")
 
