@@ -96,6 +96,11 @@ def info_nce_loss(anchors, positives, temperature=INFONCE_TEMPERATURE):
     return loss, accuracy
 
 
+def at_positions(sequences, offsets):
+    """sequences (B, W, D) read at window positions offsets (B, W): out[b, i] = sequences[b, offsets[b, i]]."""
+    return torch.gather(sequences, 1, offsets.unsqueeze(-1).expand(-1, -1, sequences.shape[-1]))
+
+
 def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -148,25 +153,22 @@ class OfflineAgent:
         were trained on, and I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside z_{t+k}. The
         value bootstrap V(z_{t+k}, z_g) keeps the history latent either way (V is trained on history latents).
         """
-        z = self.encoder(batch["observations"])                                   # (B, W, Z)
-        offset = batch["future_offset"].unsqueeze(-1)
-        z_future = torch.gather(z, 1, offset.expand(-1, -1, z.shape[-1]))         # z_{t+k}, history latent
-        observations = batch["observations"]
+        c, observations = self.config, batch["observations"]
+        z = self.encoder(observations)                                            # (B, W, Z)
+        z_future = at_positions(z, batch["future_offset"])                       # z_{t+k}, history latent
         goals = {"value": batch["value_goals"], "actor": batch["actor_goals"]}
-        if self.config.subgoal_latent == "goal":
-            goals["subgoal"] = torch.gather(observations, 1, offset.expand(-1, -1, observations.shape[-1]))
-        if self.config.inverse_state == "observation":
+        if c.subgoal_latent == "goal":
+            goals["subgoal"] = at_positions(observations, batch["future_offset"])
+            if c.inverse_subgoal == "uniform":
+                goals["inverse"] = at_positions(observations, batch["inverse_offset"])
+        if c.inverse_state == "observation":
             goals["state"] = observations
-        uniform = self.config.inverse_subgoal == "uniform"
-        inverse_offset = batch["inverse_offset"].unsqueeze(-1) if uniform else None
-        if uniform and self.config.subgoal_latent == "goal":
-            goals["inverse"] = torch.gather(observations, 1, inverse_offset.expand(-1, -1, observations.shape[-1]))
         encoded = dict(zip(goals, self.encoder.encode_goals(torch.stack(list(goals.values()))).unbind(0)))
         z_next = encoded.get("subgoal", z_future)
-        if uniform:
+        if c.inverse_subgoal == "uniform":
             z_inverse_next = encoded.get("inverse")
-            if z_inverse_next is None:
-                z_inverse_next = torch.gather(z, 1, inverse_offset.expand(-1, -1, z.shape[-1]))
+            if z_inverse_next is None:                                            # history subgoal latents
+                z_inverse_next = at_positions(z, batch["inverse_offset"])
         else:
             z_inverse_next = z_next
         return Latents(z, z_next, z_future, encoded["value"], encoded["actor"], encoded.get("state", z), z_inverse_next)
@@ -416,12 +418,16 @@ class RecurrentActor:
 
     @torch.no_grad()
     def act(self, observations):
+        observations = self.observation_tensor(observations)
         z = self.latent(observations)
         z_next = self.agent.search_subgoal(z, self.z_goal)
-        return self.agent.inverse_action(z, self.observation_tensor(observations), z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+        return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
 
     def observation_tensor(self, observations):
-        return torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.agent.device)
+        """A float tensor on the agent's device (a tensor that already is one passes through uncopied)."""
+        if not torch.is_tensor(observations):
+            observations = np.asarray(observations)
+        return torch.as_tensor(observations, dtype=torch.float32, device=self.agent.device)
 
     @torch.no_grad()
     def latent(self, observations):

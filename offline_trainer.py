@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from offline_agent import ADVANTAGES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
-from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, WindowSampler, check_dataset_name, evaluate,
-                           load_datasets, make_env, read_provenance)
+from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, check_dataset_name, evaluate,
+                           load_datasets, make_env, read_provenance, sampler_for)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
                    positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
 
@@ -164,8 +164,7 @@ def main(argv=None):
         start_epoch, best_success, elapsed = 1, -math.inf, 0.0
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
 
-    sampler = WindowSampler(train, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount,
-                            seed=args.seed, inverse_subgoals=agent.config.inverse_subgoal == "uniform")
+    sampler = sampler_for(agent.config, train, seed=args.seed)
     if args.resume:
         sampler.rng.bit_generator.state = checkpoint["rng_sampler"]
     if sampler.window_length < args.context_length:

@@ -289,6 +289,12 @@ class WindowSampler:
         return np.where(choice >= p["cur"] + p["traj"], random_goals, goals)
 
 
+def sampler_for(config, data, seed=0, **options):
+    """The WindowSampler an agent config trains on: its context, k, discount, and inverse subgoals if used."""
+    return WindowSampler(data, config.context_length, config.subgoal_steps, config.discount, seed=seed,
+                         inverse_subgoals=config.inverse_subgoal == "uniform", **options)
+
+
 def return_of_reaching(steps, gamma):
     """Discounted sum of `steps` rewards of -1: the return of reaching the goal after that many steps."""
     return -(1.0 - gamma ** steps) / (1.0 - gamma)

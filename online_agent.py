@@ -56,10 +56,11 @@ class ExploringActor(RecurrentActor):
 
     @torch.no_grad()
     def act(self, observations):
+        observations = self.observation_tensor(observations)
         z = self.latent(observations)
         z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon)
         self.explored_steps += int(explored.sum())
-        action = self.agent.inverse_action(z, self.observation_tensor(observations), z_next, self.z_goal)
+        action = self.agent.inverse_action(z, observations, z_next, self.z_goal)
         action = action + self.action_noise * torch.randn_like(action)
         return action.clamp(-1, 1).cpu().numpy()
 

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from offline_trainer import add_run_flags, check_finite, prepare_save_dir
-from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
-                           load_datasets, make_env, maze_cells)
+from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, check_dataset_name, concat_batches, evaluate,
+                           load_datasets, make_env, maze_cells, sampler_for)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
 from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, positive_float,
                    positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
@@ -132,12 +132,9 @@ def main(argv=None):
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
     c = agent.config
-    uniform = c.inverse_subgoal == "uniform"
-    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed,
-                                    inverse_subgoals=uniform)
+    offline_sampler = sampler_for(c, offline_data, seed=args.seed)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
-    online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
-                                   commanded_goal_prob=args.commanded_goal_prob, inverse_subgoals=uniform)
+    online_sampler = sampler_for(c, online_data, seed=args.seed + 1, commanded_goal_prob=args.commanded_goal_prob)
     goal_rng = np.random.default_rng(args.seed)
     start = time.time()
     if args.resume:

@@ -20,7 +20,7 @@ from bench_update import synthetic_maze_data
 from common import machine_line
 from offline_agent import AgentConfig, OfflineAgent
 from offline_trainer import CURVE_PANELS, LOSS_COLUMNS, average, check_finite
-from ogbench_utils import WindowSampler
+from ogbench_utils import sampler_for
 from utils import CSVLogger, plot_curves, save_checkpoint
 
 
@@ -58,8 +58,7 @@ def main():
     data = synthetic_maze_data()
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = WindowSampler(data, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount,
-                            inverse_subgoals=agent.config.inverse_subgoal == "uniform")
+    sampler = sampler_for(agent.config, data)
     for _ in range(3):
         agent.update(sampler.sample(args.batch_size))
     bare, logged = [], []

@@ -10,7 +10,7 @@ import torch
 
 from common import machine_line, median_seconds
 from offline_agent import AgentConfig, OfflineAgent
-from ogbench_utils import Trajectories, WindowSampler
+from ogbench_utils import Trajectories, sampler_for
 
 
 def synthetic_maze_data(num_trajectories=50, length=1001, seed=0):
@@ -38,8 +38,7 @@ def main():
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, context_length=args.context_length,
                                      mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = WindowSampler(data, args.context_length, agent.config.subgoal_steps, agent.config.discount,
-                            inverse_subgoals=agent.config.inverse_subgoal == "uniform")
+    sampler = sampler_for(agent.config, data)
     batches = [sampler.sample(args.batch_size) for _ in range(4)]
     counter = iter(range(10**9))
     seconds = median_seconds(lambda: agent.update(batches[next(counter) % 4]), args.repeats)

@@ -18,6 +18,12 @@ def small_agent(seed=0, **overrides):
     return OfflineAgent(AgentConfig(**dict(SMALL, **overrides)))
 
 
+def normalized_agent(data, **overrides):
+    agent = small_agent(**overrides)
+    agent.set_normalization(data.observations)
+    return agent
+
+
 def small_batch(seed=0):
     rng = np.random.default_rng(seed)
     lengths = [30, 40, 50]
@@ -61,8 +67,7 @@ def test_targets_move_by_the_ema_rule():
 
 def test_update_lowers_the_losses_on_a_fixed_batch():
     data, batch = small_batch()
-    agent = small_agent(lr=1e-3)
-    agent.set_normalization(data.observations)
+    agent = normalized_agent(data, lr=1e-3)
     first = agent.update(batch)
     for _ in range(60):
         last = agent.update(batch)
@@ -76,8 +81,7 @@ def test_critic_target_is_never_below_the_hindsight_return():
     data, batch = small_batch()
     targets = {}
     for bound in (True, False):
-        agent = small_agent(hindsight_bound=bound)
-        agent.set_normalization(data.observations)
+        agent = normalized_agent(data, hindsight_bound=bound)
         torch.nn.init.constant_(agent.targets["value"].net[-1].bias, -1e4)   # a hopeless target critic
         latents = agent.encode_batch(batch)
         valid = batch["future_valid"].float()
@@ -91,8 +95,7 @@ def test_critic_target_is_never_below_the_hindsight_return():
 def test_goal_style_subgoal_is_the_goal_encoding_of_the_state_k_steps_ahead():
     data, batch = small_batch()
     for kind in ("goal", "history"):
-        agent = small_agent(subgoal_latent=kind)
-        agent.set_normalization(data.observations)
+        agent = normalized_agent(data, subgoal_latent=kind)
         with torch.no_grad():
             latents = agent.encode_batch(batch)
             b, i = 1, 2
@@ -106,8 +109,7 @@ def test_goal_style_subgoal_is_the_goal_encoding_of_the_state_k_steps_ahead():
 
 def test_observation_inverse_state_ignores_the_history():
     data, batch = small_batch()
-    agent = small_agent(inverse_state="observation")
-    agent.set_normalization(data.observations)
+    agent = normalized_agent(data, inverse_state="observation")
     with torch.no_grad():
         lat = agent.encode_batch(batch)
         torch.testing.assert_close(lat.z_state, agent.encoder.encode_goals(batch["observations"]))
@@ -124,8 +126,7 @@ def test_uniform_inverse_subgoal_is_the_goal_encoding_of_the_sampled_state():
     data = small_batch()[0]
     sampler = WindowSampler(data, context_length=12, subgoal_steps=3, discount=0.99, seed=0, inverse_subgoals=True)
     batch = sampler.sample(4)
-    agent = small_agent(inverse_subgoal="uniform")
-    agent.set_normalization(data.observations)
+    agent = normalized_agent(data, inverse_subgoal="uniform")
     with torch.no_grad():
         lat = agent.encode_batch(batch)
         b, i = 2, 1
@@ -137,8 +138,7 @@ def test_uniform_inverse_subgoal_is_the_goal_encoding_of_the_sampled_state():
 
 def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value():
     data, batch = small_batch()
-    agent = small_agent(advantage="kstep")
-    agent.set_normalization(data.observations)
+    agent = normalized_agent(data, advantage="kstep")
     with torch.no_grad():
         lat = agent.encode_batch(batch)
         advantage = agent.policy_advantage(lat.z, lat.z_next, lat.z_future, lat.z_actor_goal, batch)
@@ -187,8 +187,7 @@ def test_candidates_hold_the_proposal_noisy_copies_and_step_limited_interpolatio
 
 def test_checkpoint_round_trips_to_the_same_actions(tmp_path):
     data, batch = small_batch()
-    agent = small_agent()
-    agent.set_normalization(data.observations)
+    agent = normalized_agent(data)
     for _ in range(3):
         agent.update(batch)
     path = tmp_path / "agent.pth"
