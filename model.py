@@ -95,7 +95,6 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
         delta = F.softplus(delta)
     if h0 is None and u.shape[-1] == 1:
         # One step from a zero state: h = delta u B, so y = delta u (B . C); no state is built.
-        # Goals are encoded this way (length-1 sequences), thousands per batch.
         y = delta * u * (B * C).sum(1, keepdim=True) + u * D[:, None]
         return (y * F.silu(z) if z is not None else y), None
     if h0 is None:
@@ -115,10 +114,13 @@ def causal_depthwise_conv(x, weight, bias=None):
     several times slower than these few elementwise ops. x (b, d, L); weight (d, 1, K).
     """
     kernel, length = weight.shape[-1], x.shape[-1]
-    padded = F.pad(x, (kernel - 1, 0))
-    out = padded[..., kernel - 1:] * weight[:, 0, kernel - 1, None]
-    for j in range(kernel - 1):
-        out = out + padded[..., j:j + length] * weight[:, 0, j, None]
+    # taps reaching further back than the sequence only ever see the zero padding
+    taps = min(kernel, length)
+    padded = F.pad(x, (taps - 1, 0)) if taps > 1 else x
+    out = x * weight[:, 0, kernel - 1, None]
+    for shift in range(1, taps):
+        start = taps - 1 - shift
+        out = out + padded[..., start:start + length] * weight[:, 0, kernel - 1 - shift, None]
     return out if bias is None else out + bias[:, None]
 
 
@@ -167,7 +169,8 @@ class TorchMamba(nn.Module):
 
     def forward(self, hidden_states, inference_params=None):
         """(batch, L, d_model) -> (batch, L, d_model), causal."""
-        length = hidden_states.shape[1]
+        if hidden_states.shape[1] == 1:
+            return self._forward_one_step(hidden_states)
         xz = self.in_proj(hidden_states).transpose(1, 2)          # (b, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
@@ -176,6 +179,19 @@ class TorchMamba(nn.Module):
         y, _ = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                               z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
+
+    def _forward_one_step(self, hidden_states):
+        """Length-1 sequences from a zero state (goals, thousands per batch) as plain (batch, features) math:
+        the conv sees only its last tap and the state is delta x B, so y = delta x (B . C) + D x."""
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
+        x = x * self.conv1d.weight[:, 0, -1]
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self._ssm_inputs(x)
+        dt = F.softplus(dt + self.dt_proj.bias)
+        y = dt * x * (B * C).sum(-1, keepdim=True) + self.D * x
+        return self.out_proj(y * F.silu(z)).unsqueeze(1)
 
     def _ssm_inputs(self, x):
         """x (..., d_inner) -> dt (..., d_inner) before bias/softplus, B and C (..., d_state)."""

@@ -156,22 +156,18 @@ class OfflineAgent:
         c, observations = self.config, batch["observations"]
         z = self.encoder(observations)                                            # (B, W, Z)
         z_future = at_positions(z, batch["future_offset"])                       # z_{t+k}, history latent
-        goals = {"value": batch["value_goals"], "actor": batch["actor_goals"]}
-        if c.subgoal_latent == "goal":
-            goals["subgoal"] = at_positions(observations, batch["future_offset"])
-            if c.inverse_subgoal == "uniform":
-                goals["inverse"] = at_positions(observations, batch["inverse_offset"])
-        if c.inverse_state == "observation":
-            goals["state"] = observations
-        encoded = dict(zip(goals, self.encoder.encode_goals(torch.stack(list(goals.values()))).unbind(0)))
-        z_next = encoded.get("subgoal", z_future)
-        if c.inverse_subgoal == "uniform":
-            z_inverse_next = encoded.get("inverse")
-            if z_inverse_next is None:                                            # history subgoal latents
-                z_inverse_next = at_positions(z, batch["inverse_offset"])
-        else:
-            z_inverse_next = z_next
-        return Latents(z, z_next, z_future, encoded["value"], encoded["actor"], encoded.get("state", z), z_inverse_next)
+        goals = [batch["value_goals"], batch["actor_goals"]]
+        encode_observations = c.subgoal_latent == "goal" or c.inverse_state == "observation"
+        if encode_observations:   # E([o_t]) at every window position, read at the subgoal offsets below
+            goals.append(observations)
+        encoded = self.encoder.encode_goals(torch.stack(goals))
+        z_observation = encoded[2] if encode_observations else None
+        subgoal_source = z_observation if c.subgoal_latent == "goal" else z
+        z_next = at_positions(subgoal_source, batch["future_offset"])
+        z_inverse_next = (at_positions(subgoal_source, batch["inverse_offset"]) if c.inverse_subgoal == "uniform"
+                          else z_next)
+        z_state = z_observation if c.inverse_state == "observation" else z
+        return Latents(z, z_next, z_future, encoded[0], encoded[1], z_state, z_inverse_next)
 
     # ------------------------------------------------------------------ losses
 
