@@ -283,31 +283,38 @@ class OfflineAgent:
         goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=self.device)
         return self.encoder(windows)[:, -1], self.encoder.encode_goals(goals)
 
-    def candidates(self, z, z_goal):
-        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations z + alpha (z_g - z).
+    def subgoal_origin(self, z, observations):
+        """Where the agent stands in the subgoals' space: E([o_t]) when subgoals are goal encodings, else z_t.
+        Steps and interpolations towards z_g start here, so they stay in the space Q and I were trained on."""
+        return self.encoder.encode_goals(observations) if self.config.subgoal_latent == "goal" else z
+
+    def candidates(self, z, z_goal, origin=None):
+        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations s + alpha (z_g - s)
+        from the origin s (`subgoal_origin`; z when not given).
 
         Q has only seen subgoals k steps away; a far interpolation (through a wall, say) is out of its
         data and may look best for no reason. So alpha goes up to the proposal's step length
-        ||P(z, z_g) - z|| / ||z_g - z|| (or to 1 when the goal is within one step).
+        ||P(z, z_g) - s|| / ||z_g - s|| (or to 1 when the goal is within one step).
         """
         c = self.config
+        origin = z if origin is None else origin
         proposal = self.heads.proposer(z, z_goal)
-        step = (proposal - z).norm(dim=-1, keepdim=True)
+        step = (proposal - origin).norm(dim=-1, keepdim=True)
         parts = [proposal.unsqueeze(1)]
         if c.num_noisy_candidates > 0:
             scale = c.candidate_noise * step / math.sqrt(z.shape[-1])
             noise = torch.randn(len(z), c.num_noisy_candidates, z.shape[-1], device=z.device)
             parts.append(proposal.unsqueeze(1) + scale.unsqueeze(1) * noise)
         if c.num_interpolations > 0:
-            reach = (step / (z_goal - z).norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+            reach = (step / (z_goal - origin).norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
             fractions = torch.linspace(1.0 / c.num_interpolations, 1.0, c.num_interpolations, device=z.device)
             alphas = reach.unsqueeze(1) * fractions.view(1, -1, 1)
-            parts.append(z.unsqueeze(1) + alphas * (z_goal - z).unsqueeze(1))
+            parts.append(origin.unsqueeze(1) + alphas * (z_goal - origin).unsqueeze(1))
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def search_subgoal(self, z, z_goal):
-        candidates = self.candidates(z, z_goal)
+    def search_subgoal(self, z, z_goal, origin=None):
+        candidates = self.candidates(z, z_goal, origin)
         n, num = candidates.shape[:2]
         z_rep, g_rep = (t.unsqueeze(1).expand(-1, num, -1) for t in (z, z_goal))
         q = torch.minimum(*self.heads.q_values(z_rep, candidates, g_rep))
@@ -317,8 +324,8 @@ class OfflineAgent:
     def act(self, observation_windows, goals):
         """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps."""
         z, z_goal = self.latents(observation_windows, goals)
-        z_next = self.search_subgoal(z, z_goal)
         observations = torch.as_tensor(np.asarray(observation_windows)[:, -1], dtype=torch.float32, device=self.device)
+        z_next = self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
         return self.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).cpu().numpy()
 
     def inverse_action(self, z, observations, z_next, z_goal):
@@ -416,7 +423,7 @@ class RecurrentActor:
     def act(self, observations):
         observations = self.observation_tensor(observations)
         z = self.latent(observations)
-        z_next = self.agent.search_subgoal(z, self.z_goal)
+        z_next = self.agent.search_subgoal(z, self.z_goal, self.agent.subgoal_origin(z, observations))
         return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
 
     def observation_tensor(self, observations):

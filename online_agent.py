@@ -1,7 +1,8 @@
 """The online OPSO agent: the offline agent plus goal-biased exploration and offline-to-online fine-tuning.
 
 Exploration (SPEC.md, "Online fine-tuning"): with probability epsilon the subgoal is a goal-biased
-interpolation z' = z + alpha (z_g - z), alpha ~ U(0.2, 1.0), else the policy search's choice; the
+interpolation z' = s + alpha (z_g - s), alpha ~ U(0.2, 1.0), from the agent's point s in the subgoals'
+space (E([o_t]) for goal-encoded subgoals, else z_t: OfflineAgent.subgoal_origin), else the policy search's choice; the
 action is I(z, z', z_g) plus Gaussian noise, clipped to [-1, 1]. Epsilon and the noise decay
 linearly over the online run. Fine-tuning mixes offline and online windows (CORL / fql style:
 separate buffers, a ratio, and a named switch `start_online` where the offline phase ends).
@@ -32,15 +33,16 @@ class OnlineAgent(OfflineAgent):
             group["lr"] = lr
 
     @torch.no_grad()
-    def explore_subgoal(self, z, z_goal, epsilon, generator=None):
-        """Goal-biased interpolation with probability epsilon per row, else the policy search's subgoal."""
-        n = len(z)
+    def explore_subgoal(self, z, z_goal, epsilon, origin=None, generator=None):
+        """Goal-biased interpolation s + alpha (z_g - s) from the origin s (`subgoal_origin`, z when not given)
+        with probability epsilon per row, else the policy search's subgoal."""
+        n, origin = len(z), z if origin is None else origin
         alpha = torch.empty(n, 1, device=z.device).uniform_(*EXPLORE_ALPHA_RANGE, generator=generator)
-        biased = z + alpha * (z_goal - z)
+        biased = origin + alpha * (z_goal - origin)
         explore = torch.rand(n, 1, device=z.device, generator=generator) < epsilon
         if explore.all():
             return biased, explore.squeeze(1)
-        return torch.where(explore, biased, self.search_subgoal(z, z_goal)), explore.squeeze(1)
+        return torch.where(explore, biased, self.search_subgoal(z, z_goal, origin)), explore.squeeze(1)
 
     def make_explorer(self, goals, epsilon, action_noise, streams=2):
         return ExploringActor(self, goals, epsilon, action_noise, streams)
@@ -58,7 +60,8 @@ class ExploringActor(RecurrentActor):
     def act(self, observations):
         observations = self.observation_tensor(observations)
         z = self.latent(observations)
-        z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon)
+        origin = self.agent.subgoal_origin(z, observations)
+        z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon, origin)
         self.explored_steps += int(explored.sum())
         action = self.agent.inverse_action(z, observations, z_next, self.z_goal)
         action = action + self.action_noise * torch.randn_like(action)

@@ -235,3 +235,14 @@ def test_window_actor_matches_act_on_the_last_l_observations():
     for t in range(9):
         action = actor.act(obs[:, t])
     np.testing.assert_allclose(action, agent.act(obs[:, 5:9], obs[:, -1]), rtol=1e-5, atol=1e-6)
+
+
+def test_subgoal_origin_lives_in_the_subgoals_space():
+    observations, z = torch.randn(5, 2), torch.randn(5, 8)
+    goal_style = small_agent(subgoal_latent="goal")
+    torch.testing.assert_close(goal_style.subgoal_origin(z, observations), goal_style.encoder.encode_goals(observations))
+    assert small_agent(subgoal_latent="history").subgoal_origin(z, observations) is z
+    origin, z_goal = torch.zeros(2, 8), torch.ones(2, 8)
+    agent = small_agent(num_noisy_candidates=0, num_interpolations=3)
+    interpolations = agent.candidates(z[:2], z_goal, origin)[:, 1:]
+    torch.testing.assert_close(interpolations, interpolations[..., :1].expand(-1, -1, 8))   # on the origin-goal segment

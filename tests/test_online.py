@@ -137,3 +137,10 @@ def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, 
     for key in straight:
         if not key.startswith("time/"):
             np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+
+
+def test_exploration_interpolates_from_the_given_origin():
+    agent = small_online_agent()
+    z, origin, z_goal = torch.randn(300, 8), torch.zeros(300, 8), torch.ones(300, 8)
+    subgoal, _ = agent.explore_subgoal(z, z_goal, epsilon=1.0, origin=origin)
+    torch.testing.assert_close(subgoal, subgoal[:, :1].expand(-1, 8))
