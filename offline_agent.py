@@ -54,7 +54,7 @@ class AgentConfig:
     subgoal_latent: str = "goal"
     advantage: str = "kstep"
     inverse_state: str = "history"
-    inverse_subgoal: str = "uniform"
+    inverse_subgoal: str = "k"
     mamba_backend: str = "auto"
 
 
