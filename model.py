@@ -93,10 +93,6 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if h0 is None and u.shape[-1] == 1:
-        # One step from a zero state: h = delta u B, so y = delta u (B . C); no state is built.
-        y = delta * u * (B * C).sum(1, keepdim=True) + u * D[:, None]
-        return (y * F.silu(z) if z is not None else y), None
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     time_major = [t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C)]
@@ -114,13 +110,10 @@ def causal_depthwise_conv(x, weight, bias=None):
     several times slower than these few elementwise ops. x (b, d, L); weight (d, 1, K).
     """
     kernel, length = weight.shape[-1], x.shape[-1]
-    # taps reaching further back than the sequence only ever see the zero padding
-    taps = min(kernel, length)
-    padded = F.pad(x, (taps - 1, 0)) if taps > 1 else x
-    out = x * weight[:, 0, kernel - 1, None]
-    for shift in range(1, taps):
-        start = taps - 1 - shift
-        out = out + padded[..., start:start + length] * weight[:, 0, kernel - 1 - shift, None]
+    padded = F.pad(x, (kernel - 1, 0))
+    out = padded[..., kernel - 1:] * weight[:, 0, kernel - 1, None]
+    for j in range(kernel - 1):
+        out = out + padded[..., j:j + length] * weight[:, 0, j, None]
     return out if bias is None else out + bias[:, None]
 
 

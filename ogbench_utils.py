@@ -265,7 +265,6 @@ class WindowSampler:
         batch = dict(
             observations=obs[idx], actions=self.data.actions[idx], step_valid=step_valid,
             future_offset=future - starts[:, None], future_valid=future_valid,
-
             value_goals=value_goals, rewards=success.astype(np.float32) - 1.0,
             masks=1.0 - success.astype(np.float32), successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),

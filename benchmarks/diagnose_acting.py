@@ -58,7 +58,8 @@ class SubgoalOverride:
     def act(self, observations):
         if self.mode == "search":
             return self.actor.act(observations)   # (last_subgoal is not recorded for the search)
-        z, z_goal = self.actor.latent(observations), self.actor.z_goal
+        observation_tensor = self.actor.observation_tensor(observations)
+        z, z_goal = self.actor.latent(observation_tensor), self.actor.z_goal
         with torch.no_grad():
             if self.mode == "proposer":
                 z_next = self.agent.heads.proposer(z, z_goal)
@@ -71,8 +72,7 @@ class SubgoalOverride:
             else:
                 z_next = self.agent.encoder.encode_goals(torch.as_tensor(self.oracle.subgoals(observations)))
             self.last_subgoal = z_next
-            observations = torch.as_tensor(np.asarray(observations), dtype=torch.float32)
-            return self.agent.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).numpy()
+            return self.agent.inverse_action(z, observation_tensor, z_next, z_goal).clamp(-1, 1).numpy()
 
     def bank_subgoal(self, z, z_goal):
         """Among the bank's states s that V deems reachable within k steps (V(z, E([s])) >= the return of
