@@ -42,7 +42,7 @@ class AgentConfig:
     beta: float = 3.0
     inverse_beta: Optional[float] = 0.0
     lr: float = 3e-4
-    tau: float = 0.005
+    tau: float = 0.02
     infonce_coef: float = 0.1
     state_coef: float = 1.0
     reward_coef: float = 1.0
@@ -55,6 +55,7 @@ class AgentConfig:
     advantage: str = "kstep"
     inverse_state: str = "history"
     inverse_subgoal: str = "k"
+    critic_steps: int = 1
     mamba_backend: str = "auto"
 
 
@@ -269,6 +270,31 @@ class OfflineAgent:
         info.update({"train/total_loss": total, "train/grad_norm": grad_norm})
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in info.items()}
 
+    def critic_update(self, batch):
+        """A critic and value step on single-observation latents: z_t = E([o_t]), z_{t+k} = E([o_{t+k}]).
+
+        The critic needs many backups to carry values across a maze; without the window encoder a step
+        costs about 40% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
+        """
+        valid = batch["future_valid"].float()
+        z_observation, z_goal = self.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
+        z_future = at_positions(z_observation, batch["future_offset"])
+        critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, batch, valid)
+        value, _ = self.value_loss(z_observation, z_future.detach(), z_goal, valid)
+        self.optimizer.zero_grad(set_to_none=True)
+        (critic + value).backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP_NORM)
+        self.optimizer.step()
+        self.update_targets()
+        return {"critic_steps/critic_loss": float(critic.detach()), "critic_steps/value_loss": float(value.detach())}
+
+    def train_step(self, draw_batch):
+        """`update` on one batch, then `critic_steps` critic steps on fresh ones (draw_batch() -> batch)."""
+        info = self.update(draw_batch())
+        for _ in range(self.config.critic_steps):
+            info.update(self.critic_update(draw_batch()))
+        return info
+
     @torch.no_grad()
     def update_targets(self):
         for name, target in self.targets.items():
@@ -366,7 +392,7 @@ class OfflineAgent:
         config = dict(checkpoint["agent_config"], **overrides)
         # checkpoints from before these options were trained with what the options now call their old values
         for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
-                               ("inverse_subgoal", "k")):
+                               ("inverse_subgoal", "k"), ("critic_steps", 0)):
             config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)

@@ -21,11 +21,12 @@ from offline_agent import ADVANTAGES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance, sampler_for)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
-                   positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
+                   non_negative_int, positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
                 "infonce/accuracy", "train/grad_norm"]
+CRITIC_STEP_COLUMNS = ["critic_steps/critic_loss", "critic_steps/value_loss"]   # with --critic_steps
 CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"]), ("state loss", ["state/loss"]),
                 ("reward/done loss", ["reward/loss"]), ("InfoNCE loss", ["infonce/loss"]),
                 ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
@@ -66,6 +67,8 @@ def add_model_flags(parser):
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,
                         help="policy search: goal-biased interpolations z + alpha (z_g - z)")
+    parser.add_argument("--critic_steps", type=non_negative_int, default=d.critic_steps,
+                        help="extra critic/value steps on single-observation latents per update")
     parser.add_argument("--mamba_backend", choices=["auto", "torch", "cuda"], default=d.mamba_backend,
                         help="auto: mamba_ssm on CUDA when installed, else the PyTorch fallback")
 
@@ -180,11 +183,12 @@ def main(argv=None):
         infos = []
         bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}", leave=False, disable=args.no_progress)
         for _ in bar:
-            infos.append(agent.update(sampler.sample(args.batch_size, device)))
+            infos.append(agent.train_step(lambda: sampler.sample(args.batch_size, device)))
             check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
                 bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})
-        row = {"epoch": epoch, "step": agent.step, **{k: average(infos)[k] for k in LOSS_COLUMNS}}
+        means = average(infos)
+        row = {"epoch": epoch, "step": agent.step, **{k: means[k] for k in LOSS_COLUMNS + CRITIC_STEP_COLUMNS if k in means}}
         elapsed += time.time() - epoch_start
         out_of_time = args.time_budget is not None and elapsed >= args.time_budget * 60
         last_epoch = epoch == args.num_epochs or out_of_time

@@ -163,11 +163,15 @@ def main(argv=None):
         online_sampler.refresh()
         run["episode"], run["env_steps"] = episode, run["env_steps"] + len(actions) - 1
         infos, online_windows = [], []
-        for _ in range(args.updates_per_episode):
+
+        def draw():
             batch, n_online = mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
-            infos.append(agent.update(batch))
-            check_finite(infos[-1], agent.step)
             online_windows.append(n_online)
+            return batch
+
+        for _ in range(args.updates_per_episode):
+            infos.append(agent.train_step(draw))
+            check_finite(infos[-1], agent.step)
         run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]
         row = dict(episode=episode, step=agent.step, env_steps=run["env_steps"], **{
             "online/success": float(reached.any()), "online/episode_reward": reward,

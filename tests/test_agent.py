@@ -185,6 +185,27 @@ def test_candidates_hold_the_proposal_noisy_copies_and_step_limited_interpolatio
     assert torch.all(agent.candidates(z, far_goal)[:, 4:].norm(dim=-1) <= far_step * 1.0001)
 
 
+def test_critic_update_trains_the_critic_on_single_observation_latents_only():
+    data, batch = small_batch()
+    agent = normalized_agent(data, lr=1e-3)
+    untouched = [p.clone() for p in list(agent.heads.inverse.parameters()) + list(agent.heads.proposer.parameters())]
+    first = agent.critic_update(batch)
+    for _ in range(40):
+        last = agent.critic_update(batch)
+    assert last["critic_steps/critic_loss"] < first["critic_steps/critic_loss"]
+    for before, after in zip(untouched, list(agent.heads.inverse.parameters()) + list(agent.heads.proposer.parameters())):
+        torch.testing.assert_close(before, after)
+    assert agent.step == 0                                              # critic steps are not updates
+
+
+def test_train_step_draws_one_batch_per_step():
+    data, batch = small_batch()
+    agent = normalized_agent(data, critic_steps=2)
+    draws = []
+    info = agent.train_step(lambda: draws.append(1) or batch)
+    assert len(draws) == 3 and agent.step == 1 and "critic_steps/value_loss" in info
+
+
 def test_checkpoint_round_trips_to_the_same_actions(tmp_path):
     data, batch = small_batch()
     agent = normalized_agent(data)
