@@ -2,19 +2,25 @@
 # Offline benchmark of issue 3: pointmaze-medium-{navigate,stitch}-v0 generated locally with OGBench's
 # recipe, 29 minutes of training per run (the budget is checked every 100 updates, so with the
 # overshoot of the last epoch a run stays within 30 minutes), then 5 tasks x 20 episodes of greedy evaluation; 3 seeds.
-#   bash benchmarks/offline_pointmaze.sh [navigate|stitch] [minutes] [parallel runs]
+#   bash benchmarks/offline_pointmaze.sh [navigate|stitch] [minutes] [parallel runs] [trainer flags...]
+# Trainer flags after the third argument go to every run (a variant of the defaults), whose folders
+# are then runs/bench/${kind}-${RUN_TAG}-seed* (RUN_TAG, default "variant").
 # The seeds run side by side, one thread each (2 cores: pass 2 for two at a time, 3 for all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:-navigate}
 minutes=${2:-29}
 parallel=${3:-3}
+shift $(( $# < 3 ? $# : 3 ))
+name=${kind}
+[ $# -gt 0 ] && name=${kind}-${RUN_TAG:-variant}
 dataset=pointmaze-medium-${kind}-v0
 [ -f datasets/generated/${dataset}.npz ] || python ogbench_utils.py generate ${dataset}
+extra=("$@")
 run_seed() {
   python offline_trainer.py --dataset ${dataset} --dataset_dir datasets/generated --seed $1 \
     --time_budget ${minutes} --num_epochs 10000 --updates_per_epoch 100 --eval_every 100000 --eval_episodes 20 --threads 1 \
-    --save_dir runs/bench/${kind}-seed$1 --overwrite --no_progress > runs/bench/${kind}-seed$1.log 2>&1
+    --save_dir runs/bench/${name}-seed$1 --overwrite --no_progress "${extra[@]}" > runs/bench/${name}-seed$1.log 2>&1
 }
 mkdir -p runs/bench
 for seed in 0 1 2; do
@@ -22,4 +28,4 @@ for seed in 0 1 2; do
   while [ "$(jobs -rp | wc -l)" -ge "${parallel}" ]; do sleep 5; done
 done
 wait
-python benchmarks/summarize.py runs/bench/${kind}-seed0 runs/bench/${kind}-seed1 runs/bench/${kind}-seed2
+python benchmarks/summarize.py runs/bench/${name}-seed0 runs/bench/${name}-seed1 runs/bench/${name}-seed2
