@@ -274,7 +274,7 @@ class OfflineAgent:
         """A critic and value step on single-observation latents: z_t = E([o_t]), z_{t+k} = E([o_{t+k}]).
 
         The critic needs many backups to carry values across a maze; without the window encoder a step
-        costs about 40% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
+        costs about 35% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
         """
         valid = batch["future_valid"].float()
         z_observation, z_goal = self.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
