@@ -15,6 +15,7 @@ no learning). Pointmaze only (the oracle needs the maze's map).
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --trace 4 [--trace_mode proposer]  # one episode of task 4
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --distances   # I(z, E([o_{t+d}]), z_g) on the data
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --high_level  # V and the subgoals vs shortest paths
+    python benchmarks/diagnose_acting.py runs/offline/last_model.pth --on_policy   # the proposals on the agent's own rollouts
 """
 import argparse
 import math
@@ -241,6 +242,46 @@ def high_level_probe(agent, maze, dataset_file, bank, windows=256, seed=0):
               f"{gap.median():.3f} (median)")
 
 
+def on_policy_probe(agent, dataset, bank, resets=3, steps=300, every=20):
+    """The proposal's direction at the states the greedy agent itself visits, with and without its history.
+
+    Every `every` steps of `resets` greedy episodes per task (up to `steps` steps; an agent that is stuck
+    contributes the same place many times): the cosine between the direction to the proposal (read back as
+    its nearest bank state) and the oracle's, with z the agent's history latent and with z = E([o_t]).
+    The same cosine with and without the history says the history is not what misleads the proposer.
+    """
+    env = make_env(dataset)
+    maze = env.unwrapped
+
+    def cosine(proposal, position, goal):
+        direction = bank.nearest_states(proposal)[0, :2] - position
+        oracle = np.asarray(maze.get_oracle_subgoal(position, goal[:2])[0]) - position
+        return direction @ oracle / (np.linalg.norm(direction) * np.linalg.norm(oracle) + 1e-9)
+
+    with_history, without = [], []
+    for task in range(1, 6):
+        for reset in range(resets):
+            observation, info = env.reset(seed=reset, options=dict(task_id=task))
+            goal = info["goal"]
+            actor = agent.make_actor(goal[None].astype(np.float32))
+            for t in range(steps):
+                with torch.no_grad():   # RecurrentActor.act, keeping z
+                    current = actor.observation_tensor(observation[None])
+                    z = actor.latent(current)
+                    z_next = agent.search_subgoal(z, actor.z_goal, agent.subgoal_origin(z, current))
+                    action = agent.inverse_action(z, current, z_next, actor.z_goal).clamp(-1, 1).numpy()[0]
+                    if t % every == every // 2:
+                        z_now = agent.encoder(current[:, None])[:, -1]
+                        for latent, found in ((z, with_history), (z_now, without)):
+                            found.append(cosine(agent.heads.proposer(latent, actor.z_goal), observation[:2], goal))
+                observation, _, _, _, info = env.step(action)
+                if info.get("success"):
+                    break
+    print(f"proposal on the agent's own rollouts ({len(with_history)} states, 5 tasks x {resets} episodes): cos to the "
+          f"oracle's direction with the agent's history {np.mean(with_history):+.2f}, without it (z = E([o_t])) "
+          f"{np.mean(without):+.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -257,16 +298,21 @@ def main():
                         help="instead of evaluating, probe the inverse dynamics with subgoals d steps ahead in the data")
     parser.add_argument("--high_level", action="store_true",
                         help="instead of evaluating, probe the value and the subgoals against the maze's shortest paths")
+    parser.add_argument("--on_policy", action="store_true",
+                        help="instead of evaluating, probe the proposals at the states the greedy agent visits")
     parser.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR,
                         help="where the dataset file is (for --distances and --high_level)")
     args = parser.parse_args()
     print(machine_line())
     agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint))
     dataset_file = dataset_paths(args.dataset, args.dataset_dir)[0]
-    needs_bank = args.high_level or "snapped" in args.modes or "bank" in args.modes or (args.trace is not None and args.trace_mode != "oracle")
+    needs_bank = args.high_level or args.on_policy or "snapped" in args.modes or "bank" in args.modes or (args.trace is not None and args.trace_mode != "oracle")
     bank = EncodedBank(agent, dataset_file, args.bank, args.seed) if needs_bank else None
     if args.trace is not None:
         return trace_episode(agent, args.dataset, args.trace, args.seed, args.trace_mode, bank)
+    if args.on_policy:
+        torch.manual_seed(args.seed)   # the noisy candidates of the search
+        return on_policy_probe(agent, args.dataset, bank)
     if args.distances:
         return inverse_by_subgoal_distance(agent, dataset_file, seed=args.seed)
     maze = make_env(args.dataset).unwrapped

@@ -1,4 +1,5 @@
 """The offline trainer end to end on a tiny generated dataset, and its one-line errors."""
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def test_offline_trainer_writes_every_output(tiny_dataset_dir, tmp_path):
     metrics = read_csv(save_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2] and list(metrics["step"]) == [3, 6]
     assert 0.0 <= metrics["eval/success"][-1] <= 1.0
+    assert all(math.isfinite(v) for v in metrics["critic_steps/value_loss"])   # the default --critic_steps 1
     checkpoint = load_checkpoint(save_dir / "last_model.pth")
     assert checkpoint["step"] == 6 and checkpoint["epoch"] == 2
 
@@ -40,7 +42,8 @@ def test_unknown_dataset_is_one_line_without_traceback():
     assert result.stderr.startswith("error: unknown dataset") and "pointmaze-medium-navigate-v0" in result.stderr
 
 
-@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--lr", "-1"), ("--expectile", "1.5")])
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--lr", "-1"), ("--expectile", "1.5"),
+                                        ("--critic_steps", "-1")])
 def test_impossible_flags_are_argparse_errors(flag, value):
     result = run_cli(flag, value)
     assert result.returncode == 2 and "Traceback" not in result.stderr and flag in result.stderr
