@@ -448,7 +448,7 @@ class RecurrentActor:
     @torch.no_grad()
     def act(self, observations):
         observations = self.observation_tensor(observations)
-        z = self.latent(observations)
+        z = self.last_latent = self.latent(observations)   # kept for diagnostics (diagnose_acting --on_policy)
         z_next = self.agent.search_subgoal(z, self.z_goal, self.agent.subgoal_origin(z, observations))
         return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
 

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from offline_agent import ADVANTAGES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance, sampler_for)
-from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, num_updates_per_epoch, plot_curves,
-                   non_negative_int, positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
+from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, non_negative_int, num_updates_per_epoch,
+                   plot_curves, positive_float, positive_int, resolve_device, save_checkpoint, set_seed, unit_float,
+                   write_json)
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",

@@ -265,14 +265,11 @@ def on_policy_probe(agent, dataset, bank, resets=3, steps=300, every=20):
             goal = info["goal"]
             actor = agent.make_actor(goal[None].astype(np.float32))
             for t in range(steps):
-                with torch.no_grad():   # RecurrentActor.act, keeping z
-                    current = actor.observation_tensor(observation[None])
-                    z = actor.latent(current)
-                    z_next = agent.search_subgoal(z, actor.z_goal, agent.subgoal_origin(z, current))
-                    action = agent.inverse_action(z, current, z_next, actor.z_goal).clamp(-1, 1).numpy()[0]
-                    if t % every == every // 2:
-                        z_now = agent.encoder(current[:, None])[:, -1]
-                        for latent, found in ((z, with_history), (z_now, without)):
+                action = actor.act(observation[None])[0]
+                if t % every == every // 2:
+                    with torch.no_grad():
+                        z_now = agent.encoder(actor.observation_tensor(observation[None])[:, None])[:, -1]
+                        for latent, found in ((actor.last_latent, with_history), (z_now, without)):
                             found.append(cosine(agent.heads.proposer(latent, actor.z_goal), observation[:2], goal))
                 observation, _, _, _, info = env.step(action)
                 if info.get("success"):
