@@ -56,6 +56,7 @@ class AgentConfig:
     inverse_state: str = "history"
     inverse_subgoal: str = "k"
     critic_steps: int = 1
+    critic_step_proposer: bool = False
     mamba_backend: str = "auto"
 
 
@@ -226,12 +227,16 @@ class OfflineAgent:
         action = self.heads.action(z_state, z_inverse_next, z_goal)
         action_error = (action - batch["actions"]).square().sum(-1)
         inverse = masked_mean(inverse_weights * action_error, valid)
-        proposal = self.heads.proposer(z.detach(), z_goal.detach())
-        proposer = masked_mean(weights * (proposal - z_next.detach()).square().sum(-1), valid)
+        proposer = self.proposer_loss(z, z_next, z_goal, weights, valid)
         info = {"inverse/loss": inverse, "inverse/action_mse": masked_mean(action_error, valid),
                 "inverse/advantage_mean": masked_mean(advantage, valid), "inverse/weight_mean": masked_mean(weights, valid),
                 "proposer/loss": proposer}
         return inverse, proposer, info
+
+    def proposer_loss(self, z, z_next, z_goal, weights, valid):
+        """AWR for P(z, z_g) -> z': the data's subgoal, weighted by exp(beta A); no gradient into the latents."""
+        proposal = self.heads.proposer(z.detach(), z_goal.detach())
+        return masked_mean(weights * (proposal - z_next.detach()).square().sum(-1), valid)
 
     def policy_advantage(self, z, z_next, z_future, z_goal, batch):
         """A(z, z', z_g) = Q - V(z, z_g), Q either the target critics' min ('q') or the data's own k-step
@@ -276,17 +281,27 @@ class OfflineAgent:
         The critic needs many backups to carry values across a maze; without the window encoder a step
         costs about 35% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
         """
-        valid = batch["future_valid"].float()
-        z_observation, z_goal = self.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
+        c, valid = self.config, batch["future_valid"].float()
+        goals = [batch["observations"], batch["value_goals"]] + ([batch["actor_goals"]] if c.critic_step_proposer else [])
+        encoded = self.encoder.encode_goals(torch.stack(goals))
+        z_observation, z_goal = encoded[0], encoded[1]
         z_future = at_positions(z_observation, batch["future_offset"])
         critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, batch, valid)
         value, _ = self.value_loss(z_observation, z_future.detach(), z_goal, valid)
+        info = {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
+        total = critic + value
+        if c.critic_step_proposer:   # the proposer learns on E([o_t]) too, as often as the critic
+            with torch.no_grad():
+                advantage = self.policy_advantage(z_observation, z_future, z_future, encoded[2], batch)
+            proposer = self.proposer_loss(z_observation, z_future, encoded[2], advantage_weights(advantage, c.beta), valid)
+            info["critic_steps/proposer_loss"] = proposer
+            total = total + c.proposer_coef * proposer
         self.optimizer.zero_grad(set_to_none=True)
-        (critic + value).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP_NORM)
         self.optimizer.step()
         self.update_targets()
-        return {"critic_steps/critic_loss": float(critic.detach()), "critic_steps/value_loss": float(value.detach())}
+        return {k: float(v.detach()) for k, v in info.items()}
 
     def train_step(self, draw_batch):
         """`update` on one batch, then `critic_steps` critic steps on fresh ones (draw_batch() -> batch)."""
@@ -392,7 +407,8 @@ class OfflineAgent:
         config = dict(checkpoint["agent_config"], **overrides)
         # checkpoints from before these options were trained with what the options now call their old values
         for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
-                               ("inverse_subgoal", "k"), ("critic_steps", 0)):
+                               ("inverse_subgoal", "k"), ("critic_steps", 0),
+                               ("critic_step_proposer", False)):
             config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)

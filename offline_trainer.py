@@ -27,7 +27,8 @@ from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, no
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
                 "infonce/accuracy", "train/grad_norm"]
-CRITIC_STEP_COLUMNS = ["critic_steps/critic_loss", "critic_steps/value_loss"]   # with --critic_steps
+CRITIC_STEP_COLUMNS = ["critic_steps/critic_loss", "critic_steps/value_loss",   # with --critic_steps
+                       "critic_steps/proposer_loss"]                            # and --critic_step_proposer 1
 CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"]), ("state loss", ["state/loss"]),
                 ("reward/done loss", ["reward/loss"]), ("InfoNCE loss", ["infonce/loss"]),
                 ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
@@ -70,6 +71,8 @@ def add_model_flags(parser):
                         help="policy search: goal-biased interpolations z + alpha (z_g - z)")
     parser.add_argument("--critic_steps", type=non_negative_int, default=d.critic_steps,
                         help="extra critic/value steps on single-observation latents per update")
+    parser.add_argument("--critic_step_proposer", type=int, choices=[0, 1], default=int(d.critic_step_proposer),
+                        help="1: the critic steps also train the proposer P(E([o_t]), z_g) (AWR, as in the update)")
     parser.add_argument("--mamba_backend", choices=["auto", "torch", "cuda"], default=d.mamba_backend,
                         help="auto: mamba_ssm on CUDA when installed, else the PyTorch fallback")
 

@@ -198,6 +198,19 @@ def test_critic_update_trains_the_critic_on_single_observation_latents_only():
     assert agent.step == 0                                              # critic steps are not updates
 
 
+def test_critic_step_proposer_trains_the_proposer_but_not_the_inverse_dynamics():
+    data, batch = small_batch()
+    agent = normalized_agent(data, lr=1e-3, critic_step_proposer=True)
+    inverse = [p.clone() for p in agent.heads.inverse.parameters()]
+    proposer = [p.clone() for p in agent.heads.proposer.parameters()]
+    for _ in range(3):
+        info = agent.critic_update(batch)
+    assert math.isfinite(info["critic_steps/proposer_loss"]) and agent.step == 0
+    for before, after in zip(inverse, agent.heads.inverse.parameters()):
+        torch.testing.assert_close(before, after)
+    assert not all(torch.equal(before, after) for before, after in zip(proposer, agent.heads.proposer.parameters()))
+
+
 def test_train_step_draws_one_batch_per_step():
     data, batch = small_batch()
     agent = normalized_agent(data, critic_steps=2)
