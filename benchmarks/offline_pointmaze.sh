@@ -4,7 +4,8 @@
 # overshoot of the last epoch a run stays within 30 minutes), then 5 tasks x 20 episodes of greedy evaluation; 3 seeds.
 #   bash benchmarks/offline_pointmaze.sh [navigate|stitch] [minutes] [parallel runs] [trainer flags...]
 # Trainer flags after the third argument go to every run (a variant of the defaults), whose folders
-# are then runs/bench/${kind}-${RUN_TAG}-seed* (RUN_TAG, default "variant").
+# are then runs/bench/${kind}-${RUN_TAG}-seed* (RUN_TAG, default "variant"). SEEDS="0 1" runs only those
+# seeds (default "0 1 2"), e.g. to split a sequential benchmark; then summarize.py over all the seed folders.
 # The seeds run side by side, sharing the cores (threads per run = cores / parallel runs, at least 1):
 # pass 1 to give each seed the whole machine in turn (the "2-core CPU for 30 minutes" per seed),
 # 3 to run all three at once on one thread each (a third of the wall-clock, fewer updates per seed).
@@ -26,9 +27,10 @@ run_seed() {
     --save_dir runs/bench/${name}-seed$1 --overwrite --no_progress "${extra[@]}" > runs/bench/${name}-seed$1.log 2>&1
 }
 mkdir -p runs/bench
-for seed in 0 1 2; do
+seeds=(${SEEDS:-0 1 2})
+for seed in "${seeds[@]}"; do
   run_seed ${seed} &
   while [ "$(jobs -rp | wc -l)" -ge "${parallel}" ]; do sleep 5; done
 done
 wait
-python benchmarks/summarize.py runs/bench/${name}-seed0 runs/bench/${name}-seed1 runs/bench/${name}-seed2
+python benchmarks/summarize.py "${seeds[@]/#/runs/bench/${name}-seed}"

@@ -20,8 +20,10 @@ def run_summary(run_dir):
             evaluated = np.isfinite(columns["eval/success"])
             success = columns["eval/success"][evaluated]
             wall = columns["time/elapsed_s"][-1]
+            tasks = [columns[f"eval/task{i}_success"][evaluated][-1] for i in range(1, 6)
+                     if f"eval/task{i}_success" in columns]
             return dict(run=run_dir, first=success[0], final=success[-1], rows=len(columns["eval/success"]),
-                        wall_min=wall / 60, step=columns["step"][-1])
+                        wall_min=wall / 60, step=columns["step"][-1], tasks=tasks)
     raise SystemExit(f"no metrics file in {run_dir}")
 
 
@@ -32,7 +34,8 @@ def main():
     rows = [run_summary(r) for r in args.runs]
     for r in rows:
         print(f"{r['run']}: first evaluation {r['first']:.3f}, final evaluation {r['final']:.3f}, "
-              f"{int(r['step'])} updates, {r['wall_min']:.1f} min")
+              f"{int(r['step'])} updates, {r['wall_min']:.1f} min"
+              + (f"; tasks 1-5: {' '.join(f'{t:.2f}' for t in r['tasks'])}" if r["tasks"] else ""))
     final = np.array([r["final"] for r in rows])
     first = np.array([r["first"] for r in rows])
     print(f"final success over {len(rows)} seeds: {final.mean():.3f} +/- {final.std(ddof=1) if len(rows) > 1 else 0:.3f} "
