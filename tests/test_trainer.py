@@ -28,6 +28,10 @@ def test_offline_trainer_writes_every_output(tiny_dataset_dir, tmp_path):
     assert all(math.isfinite(v) for v in metrics["critic_steps/value_loss"])   # the default --critic_steps 1
     checkpoint = load_checkpoint(save_dir / "last_model.pth")
     assert checkpoint["step"] == 6 and checkpoint["epoch"] == 2
+    summary = subprocess.run([sys.executable, "benchmarks/summarize.py", str(save_dir)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60).stdout
+    final = metrics["eval/success"][-1]
+    assert f"final evaluation {final:.3f}, 6 updates" in summary and "tasks 1-5: " in summary
 
 
 def run_cli(*args):
