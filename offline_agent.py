@@ -57,6 +57,7 @@ class AgentConfig:
     inverse_subgoal: str = "k"
     critic_steps: int = 1
     critic_step_proposer: bool = False
+    critic_batch: str = "windows"
     mamba_backend: str = "auto"
 
 
@@ -74,6 +75,7 @@ SUBGOAL_LATENTS = ("goal", "history")
 ADVANTAGES = ("q", "kstep")
 INVERSE_STATES = ("history", "observation")
 INVERSE_SUBGOALS = ("k", "uniform")
+CRITIC_BATCHES = ("windows", "transitions")
 
 
 def expectile_loss(diff, expectile):
@@ -103,6 +105,15 @@ def at_positions(sequences, offsets):
     return torch.gather(sequences, 1, offsets.unsqueeze(-1).expand(-1, -1, sequences.shape[-1]))
 
 
+def valid_rows(batch):
+    """The positions of a batch of windows that have a subgoal k steps ahead (future_valid), flattened:
+    every per-position entry (N, ...) and the observation k steps ahead, o_{t+k} (N, obs_dim)."""
+    mask = batch["future_valid"]
+    b, t = mask.nonzero(as_tuple=True)
+    rows = {key: value[b, t] for key, value in batch.items() if value.shape[:2] == mask.shape}
+    return rows, batch["observations"][b, batch["future_offset"][b, t]]
+
+
 def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -117,6 +128,8 @@ class OfflineAgent:
             raise ValueError(f"inverse_state must be one of {INVERSE_STATES}, got {config.inverse_state!r}")
         if config.inverse_subgoal not in INVERSE_SUBGOALS:
             raise ValueError(f"inverse_subgoal must be one of {INVERSE_SUBGOALS}, got {config.inverse_subgoal!r}")
+        if config.critic_batch not in CRITIC_BATCHES:
+            raise ValueError(f"critic_batch must be one of {CRITIC_BATCHES}, got {config.critic_batch!r}")
         if config.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
         self.config = config
@@ -279,21 +292,23 @@ class OfflineAgent:
         """A critic and value step on single-observation latents: z_t = E([o_t]), z_{t+k} = E([o_{t+k}]).
 
         The critic needs many backups to carry values across a maze; without the window encoder a step
-        costs about 35% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
+        costs about 35% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the
+        backups. Only the positions with a subgoal k ahead are encoded (a batch of windows or of transitions).
         """
-        c, valid = self.config, batch["future_valid"].float()
-        goals = [batch["observations"], batch["value_goals"]] + ([batch["actor_goals"]] if c.critic_step_proposer else [])
-        encoded = self.encoder.encode_goals(torch.stack(goals))
-        z_observation, z_goal = encoded[0], encoded[1]
-        z_future = at_positions(z_observation, batch["future_offset"])
-        critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, batch, valid)
+        c = self.config
+        rows, future_observations = valid_rows(batch)
+        inputs = [rows["observations"], future_observations, rows["value_goals"]]
+        encoded = self.encoder.encode_goals(torch.stack(inputs + ([rows["actor_goals"]] if c.critic_step_proposer else [])))
+        z_observation, z_future, z_goal = encoded[:3]
+        valid = torch.ones(len(z_observation), device=z_observation.device)
+        critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, rows, valid)
         value, _ = self.value_loss(z_observation, z_future.detach(), z_goal, valid)
         info = {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
         total = critic + value
         if c.critic_step_proposer:   # the proposer learns on E([o_t]) too, as often as the critic
             with torch.no_grad():
-                advantage = self.policy_advantage(z_observation, z_future, z_future, encoded[2], batch)
-            proposer = self.proposer_loss(z_observation, z_future, encoded[2], advantage_weights(advantage, c.beta), valid)
+                advantage = self.policy_advantage(z_observation, z_future, z_future, encoded[3], rows)
+            proposer = self.proposer_loss(z_observation, z_future, encoded[3], advantage_weights(advantage, c.beta), valid)
             info["critic_steps/proposer_loss"] = proposer
             total = total + c.proposer_coef * proposer
         self.optimizer.zero_grad(set_to_none=True)
@@ -303,11 +318,15 @@ class OfflineAgent:
         self.update_targets()
         return {k: float(v.detach()) for k, v in info.items()}
 
-    def train_step(self, draw_batch):
-        """`update` on one batch, then `critic_steps` critic steps on fresh ones (draw_batch() -> batch)."""
-        info = self.update(draw_batch())
+    def train_step(self, draw_windows, draw_transitions=None):
+        """`update` on one batch of windows, then `critic_steps` critic steps on fresh batches: of windows,
+        or, with critic_batch='transitions', of independent transitions (draw_transitions() -> batch)."""
+        info = self.update(draw_windows())
+        draw = draw_transitions if self.config.critic_batch == "transitions" else draw_windows
+        if draw is None and self.config.critic_steps > 0:
+            raise ValueError("critic_batch='transitions' needs a draw_transitions function")
         for _ in range(self.config.critic_steps):
-            info.update(self.critic_update(draw_batch()))
+            info.update(self.critic_update(draw()))
         return info
 
     @torch.no_grad()
@@ -408,7 +427,7 @@ class OfflineAgent:
         # checkpoints from before these options were trained with what the options now call their old values
         for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
                                ("inverse_subgoal", "k"), ("critic_steps", 0),
-                               ("critic_step_proposer", False)):
+                               ("critic_step_proposer", False), ("critic_batch", "windows")):
             config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)

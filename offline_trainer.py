@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_agent import ADVANTAGES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
+from offline_agent import ADVANTAGES, CRITIC_BATCHES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance, sampler_for)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, non_negative_int, num_updates_per_epoch,
@@ -71,6 +71,8 @@ def add_model_flags(parser):
                         help="policy search: goal-biased interpolations z + alpha (z_g - z)")
     parser.add_argument("--critic_steps", type=non_negative_int, default=d.critic_steps,
                         help="extra critic/value steps on single-observation latents per update")
+    parser.add_argument("--critic_batch", choices=list(CRITIC_BATCHES), default=d.critic_batch,
+                        help="batches of the critic steps: windows like the update's, or as many independent transitions")
     parser.add_argument("--critic_step_proposer", type=int, choices=[0, 1], default=int(d.critic_step_proposer),
                         help="1: the critic steps also train the proposer P(E([o_t]), z_g) (AWR, as in the update)")
     parser.add_argument("--mamba_backend", choices=["auto", "torch", "cuda"], default=d.mamba_backend,
@@ -187,7 +189,8 @@ def main(argv=None):
         infos = []
         bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}", leave=False, disable=args.no_progress)
         for _ in bar:
-            infos.append(agent.train_step(lambda: sampler.sample(args.batch_size, device)))
+            infos.append(agent.train_step(lambda: sampler.sample(args.batch_size, device),
+                                          lambda: sampler.sample_transitions(args.batch_size * args.context_length, device)))
             check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
                 bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})

@@ -207,13 +207,18 @@ class WindowSampler:
 
     def refresh(self):
         """Recompute the window starts (after the data grew)."""
+        self.valid_starts = self._window_starts(self.window_length)
+        self.transition_starts = self._window_starts(self.subgoal_steps + 1)
+        if self.data.reached is not None:
+            self.next_reached = self._next_reached()
+
+    def _window_starts(self, length):
+        """Steps a window of `length` can start at: room for it, or the start of a shorter trajectory."""
         n = len(self.data)
         positions = np.arange(n)
         room = self.data.traj_ends - positions + 1
         is_start = np.r_[True, self.data.traj_ends[:-1] == positions[:-1]] if n else np.zeros(0, bool)
-        self.valid_starts = np.flatnonzero((room >= self.window_length) | (is_start & (room < self.window_length)))
-        if self.data.reached is not None:
-            self.next_reached = self._next_reached()
+        return np.flatnonzero((room >= length) | (is_start & (room < length)))
 
     def _next_reached(self):
         """For each step, the first step at or after it (same episode) where the env reported success."""
@@ -229,13 +234,25 @@ class WindowSampler:
         return result
 
     def sample(self, batch_size, device="cpu"):
+        """batch_size windows of `context_length` steps."""
+        return self._sample(self.valid_starts, self.window_length, batch_size, device)
+
+    def sample_transitions(self, count, device="cpu"):
+        """count independent steps, each with the step k ahead: windows of k + 1 steps whose first position
+        alone is marked future_valid. For the critic steps, which need no history: i.i.d. states cover the
+        maze better than the few stretches of trajectory a batch of windows holds."""
+        batch = self._sample(self.transition_starts, self.subgoal_steps + 1, count, device)
+        batch["future_valid"][:, 1:] = False
+        return batch
+
+    def _sample(self, start_pool, window_length, batch_size, device):
         rng, k, gamma = self.rng, self.subgoal_steps, self.discount
-        starts = self.valid_starts[rng.integers(len(self.valid_starts), size=batch_size)]
-        positions = starts[:, None] + np.arange(self.window_length)               # (B, W)
+        starts = start_pool[rng.integers(len(start_pool), size=batch_size)]
+        positions = starts[:, None] + np.arange(window_length)                    # (B, W)
         traj_end = self.data.traj_ends[starts][:, None]
         step_valid = positions <= traj_end
         idx = np.minimum(positions, traj_end)
-        window_end = np.minimum(starts[:, None] + self.window_length - 1, traj_end)
+        window_end = np.minimum(starts[:, None] + window_length - 1, traj_end)
         future = np.minimum(idx + k, window_end)
         steps_ahead = future - idx
         future_valid = step_valid & (steps_ahead >= 1) & ((steps_ahead == k) | (future == traj_end))

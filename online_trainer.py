@@ -102,14 +102,15 @@ def run_episode(env, actor, ob):
     return np.asarray(observations), np.asarray(actions), np.asarray(reached), reward_sum
 
 
-def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device):
+def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device, transitions=False):
+    """batch_size windows (with `transitions`, independent transitions), a share of them online."""
     n_online = online_fraction_of_batch(batch_size, online_ratio, len(online_sampler.data))
+    offline, online = ((s.sample_transitions if transitions else s.sample) for s in (offline_sampler, online_sampler))
     if n_online == 0:
-        return offline_sampler.sample(batch_size, device), 0
+        return offline(batch_size, device), 0
     if n_online == batch_size:
-        return online_sampler.sample(batch_size, device), n_online
-    return concat_batches(offline_sampler.sample(batch_size - n_online, device),
-                          online_sampler.sample(n_online, device)), n_online
+        return online(batch_size, device), n_online
+    return concat_batches(offline(batch_size - n_online, device), online(n_online, device)), n_online
 
 
 def main(argv=None):
@@ -169,8 +170,12 @@ def main(argv=None):
             online_windows.append(n_online)
             return batch
 
+        def draw_transitions():
+            return mixed_batch(offline_sampler, online_sampler, args.batch_size * c.context_length,
+                               args.online_ratio, device, transitions=True)[0]
+
         for _ in range(args.updates_per_episode):
-            infos.append(agent.train_step(draw))
+            infos.append(agent.train_step(draw, draw_transitions))
             check_finite(infos[-1], agent.step)
         run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]
         row = dict(episode=episode, step=agent.step, env_steps=run["env_steps"], **{

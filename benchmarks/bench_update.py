@@ -1,6 +1,7 @@
 """Offline update throughput: one full OPSO update (encoder, all heads, all losses, Adam step) on
 batch_size windows x context_length steps, in transitions per second; one critic step (critic and value on
-single-observation latents, `--critic_steps` of them follow each update); then a profile of where the time goes.
+single-observation latents, `--critic_steps` of them follow each update), on the same windows and on as many
+independent transitions; then a profile of where the time goes.
 
     python benchmarks/bench_update.py [--batch_size 16 --context_length 100 --repeats 10 --profile]
 """
@@ -46,11 +47,17 @@ def main():
     transitions = args.batch_size * args.context_length
     sample_seconds = median_seconds(lambda: sampler.sample(args.batch_size), args.repeats)
     critic_seconds = median_seconds(lambda: agent.critic_update(batches[next(counter) % 4]), args.repeats)
+    transition_batches = [sampler.sample_transitions(transitions) for _ in range(4)]
+    transition_critic_seconds = median_seconds(lambda: agent.critic_update(transition_batches[next(counter) % 4]),
+                                               args.repeats)
+    transition_sample_seconds = median_seconds(lambda: sampler.sample_transitions(transitions), args.repeats)
     print(f"update: {args.batch_size} windows x {args.context_length} steps = {transitions} transitions, "
           f"median {seconds * 1000:.1f} ms -> {transitions / seconds:,.0f} transitions/s "
           f"(sampling a batch: {sample_seconds * 1000:.2f} ms)")
     print(f"critic step on the same batch: median {critic_seconds * 1000:.1f} ms; a training step with the default "
           f"{agent.config.critic_steps} critic step(s): {(seconds + agent.config.critic_steps * critic_seconds) * 1000:.1f} ms")
+    print(f"critic step on {transitions} independent transitions (--critic_batch transitions): median "
+          f"{transition_critic_seconds * 1000:.1f} ms (sampling them: {transition_sample_seconds * 1000:.2f} ms)")
     if args.profile:
         from torch.profiler import profile
         with profile() as prof:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from offline_agent import AgentConfig, OfflineAgent, advantage_weights, expectile_loss, info_nce_loss
+from offline_agent import AgentConfig, OfflineAgent, advantage_weights, at_positions, expectile_loss, info_nce_loss
 from ogbench_utils import Trajectories, WindowSampler
 from utils import load_checkpoint, save_checkpoint
 
@@ -209,6 +209,31 @@ def test_critic_step_proposer_trains_the_proposer_but_not_the_inverse_dynamics()
     for before, after in zip(inverse, agent.heads.inverse.parameters()):
         torch.testing.assert_close(before, after)
     assert not all(torch.equal(before, after) for before, after in zip(proposer, agent.heads.proposer.parameters()))
+
+
+def test_critic_update_on_valid_rows_equals_the_masked_losses_over_whole_windows():
+    data, batch = small_batch()
+    agent = normalized_agent(data)
+    valid = batch["future_valid"].float()
+    with torch.no_grad():
+        z_observation, z_goal = agent.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
+        z_future = at_positions(z_observation, batch["future_offset"])
+        critic, _ = agent.critic_loss(z_observation, z_future, z_future, z_goal, batch, valid)
+        value, _ = agent.value_loss(z_observation, z_future, z_goal, valid)
+    info = agent.critic_update(batch)
+    assert info["critic_steps/critic_loss"] == pytest.approx(float(critic), rel=1e-5)
+    assert info["critic_steps/value_loss"] == pytest.approx(float(value), rel=1e-5)
+
+
+def test_critic_batch_transitions_draws_the_critic_steps_from_the_transition_draw():
+    data, batch = small_batch()
+    transitions = WindowSampler(data, 12, 3, 0.99, seed=1).sample_transitions(64)
+    agent = normalized_agent(data, critic_steps=2, critic_batch="transitions")
+    draws = []
+    agent.train_step(lambda: draws.append("windows") or batch, lambda: draws.append("transitions") or transitions)
+    assert draws == ["windows", "transitions", "transitions"]
+    with pytest.raises(ValueError, match="draw_transitions"):
+        agent.train_step(lambda: batch)
 
 
 def test_train_step_draws_one_batch_per_step():

@@ -80,6 +80,20 @@ def test_windows_never_cross_a_trajectory_boundary():
         assert np.all(((future - idx) == 5) | (future == ends) | ~valid)
 
 
+def test_transitions_are_single_valid_steps_with_their_subgoal_k_ahead_in_the_same_trajectory():
+    data = synthetic([30, 4, 50, 25])
+    sampler = WindowSampler(data, context_length=12, subgoal_steps=5, discount=0.99, seed=0)
+    batch = sampler.sample_transitions(4000)
+    idx, valid = batch["indices"].numpy(), batch["future_valid"].numpy()
+    assert idx.shape == (4000, 6) and not valid[:, 1:].any()
+    start, future = idx[:, 0], np.take_along_axis(idx, batch["future_offset"].numpy()[:, :1], axis=1)[:, 0]
+    ends = data.traj_ends[start]
+    assert np.all(future[valid[:, 0]] == np.minimum(start + 5, ends)[valid[:, 0]])
+    assert np.all(batch["observations"].numpy()[:, 0, 0] == start)   # observation i is i
+    assert len(np.unique(start)) > 60     # independent steps spread over the data, short trajectory included
+    assert np.any(data.traj_ends[start] == 33)
+
+
 def test_short_trajectories_give_padded_windows_marked_invalid():
     data = synthetic([8, 6, 30])
     sampler = WindowSampler(data, context_length=10, subgoal_steps=3, discount=0.99, seed=0)

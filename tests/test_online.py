@@ -75,8 +75,10 @@ def test_online_share_of_the_batch():
 
 
 def test_online_run_loads_the_offline_checkpoint_and_writes_every_output(tiny_dataset_dir, tmp_path):
-    offline_dir = tmp_path / "offline"
-    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
+    offline_dir = tmp_path / "offline"   # critic steps on transitions (offline and, below, offline + online)
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir),
+                                     "--critic_batch", "transitions", "--critic_step_proposer", "1"])
+    assert np.isfinite(read_csv(offline_dir / "metrics.csv")["critic_steps/proposer_loss"]).all()
     online_dir = tmp_path / "online"
     online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
                          "--checkpoint", str(offline_dir / "best_model.pth"), "--save_dir", str(online_dir),
