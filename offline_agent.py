@@ -298,7 +298,9 @@ class OfflineAgent:
         c = self.config
         rows, future_observations = valid_rows(batch)
         inputs = [rows["observations"], future_observations, rows["value_goals"]]
-        encoded = self.encoder.encode_goals(torch.stack(inputs + ([rows["actor_goals"]] if c.critic_step_proposer else [])))
+        if c.critic_step_proposer:
+            inputs.append(rows["actor_goals"])
+        encoded = self.encoder.encode_goals(torch.stack(inputs))
         z_observation, z_future, z_goal = encoded[:3]
         valid = torch.ones(len(z_observation), device=z_observation.device)
         critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, rows, valid)
@@ -308,7 +310,8 @@ class OfflineAgent:
         if c.critic_step_proposer:   # the proposer learns on E([o_t]) too, as often as the critic
             with torch.no_grad():
                 advantage = self.policy_advantage(z_observation, z_future, z_future, encoded[3], rows)
-            proposer = self.proposer_loss(z_observation, z_future, encoded[3], advantage_weights(advantage, c.beta), valid)
+            weights = advantage_weights(advantage, c.beta)
+            proposer = self.proposer_loss(z_observation, z_future, encoded[3], weights, valid)
             info["critic_steps/proposer_loss"] = proposer
             total = total + c.proposer_coef * proposer
         self.optimizer.zero_grad(set_to_none=True)
