@@ -324,10 +324,10 @@ class OfflineAgent:
     def train_step(self, draw_windows, draw_transitions=None):
         """`update` on one batch of windows, then `critic_steps` critic steps on fresh batches: of windows,
         or, with critic_batch='transitions', of independent transitions (draw_transitions() -> batch)."""
-        info = self.update(draw_windows())
         draw = draw_transitions if self.config.critic_batch == "transitions" else draw_windows
-        if draw is None and self.config.critic_steps > 0:
+        if draw is None and self.config.critic_steps > 0:   # before the update, so a misuse changes nothing
             raise ValueError("critic_batch='transitions' needs a draw_transitions function")
+        info = self.update(draw_windows())
         for _ in range(self.config.critic_steps):
             info.update(self.critic_update(draw()))
         return info
