@@ -117,6 +117,29 @@ def causal_depthwise_conv(x, weight, bias=None):
     return out if bias is None else out + bias[:, None]
 
 
+def ssm_inputs(mixer, x):
+    """x (..., d_inner) -> dt (..., d_inner) before bias/softplus, B and C (..., d_state)."""
+    x_dbl = mixer.x_proj(x)
+    dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    return F.linear(dt, mixer.dt_proj.weight), B, C
+
+
+def forward_from_zero_state(mixer, hidden_states):
+    """A Mamba mixer (`TorchMamba` or `mamba_ssm.Mamba`: same parameters) on length-1 sequences from a zero
+    state, as plain (batch, features) math: the conv sees only its last tap and the state is delta x B, so
+    y = delta x (B . C) + D x. Goal encodings are thousands of such sequences per batch; mamba_ssm's kernels
+    launch per sequence and took 30x longer on a GPU (BENCHMARKS.md, section 6)."""
+    x, z = mixer.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
+    x = x * mixer.conv1d.weight[:, 0, -1]
+    if mixer.conv1d.bias is not None:
+        x = x + mixer.conv1d.bias
+    x = F.silu(x)
+    dt, B, C = ssm_inputs(mixer, x)
+    dt = F.softplus(dt + mixer.dt_proj.bias)
+    y = dt * x * (B * C).sum(-1, keepdim=True) + mixer.D * x
+    return mixer.out_proj(y * F.silu(z)).unsqueeze(1)
+
+
 # ----------------------------------------------------------------------------- Mamba mixer
 
 class TorchMamba(nn.Module):
@@ -163,34 +186,15 @@ class TorchMamba(nn.Module):
     def forward(self, hidden_states, inference_params=None):
         """(batch, L, d_model) -> (batch, L, d_model), causal."""
         if hidden_states.shape[1] == 1:
-            return self._forward_one_step(hidden_states)
+            return forward_from_zero_state(self, hidden_states)
         xz = self.in_proj(hidden_states).transpose(1, 2)          # (b, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
-        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        dt, B, C = ssm_inputs(self, x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y, _ = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                               z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
-
-    def _forward_one_step(self, hidden_states):
-        """Length-1 sequences from a zero state (goals, thousands per batch) as plain (batch, features) math:
-        the conv sees only its last tap and the state is delta x B, so y = delta x (B . C) + D x."""
-        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
-        x = x * self.conv1d.weight[:, 0, -1]
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x)
-        dt, B, C = self._ssm_inputs(x)
-        dt = F.softplus(dt + self.dt_proj.bias)
-        y = dt * x * (B * C).sum(-1, keepdim=True) + self.D * x
-        return self.out_proj(y * F.silu(z)).unsqueeze(1)
-
-    def _ssm_inputs(self, x):
-        """x (..., d_inner) -> dt (..., d_inner) before bias/softplus, B and C (..., d_state)."""
-        x_dbl = self.x_proj(x)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         device = self.out_proj.weight.device
@@ -210,7 +214,7 @@ class TorchMamba(nn.Module):
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        dt, B, C = self._ssm_inputs(x)
+        dt, B, C = ssm_inputs(self, x)
         dt = F.softplus(dt + self.dt_proj.bias)
         A = -torch.exp(self.A_log.float())
         decay = torch.exp(dt.unsqueeze(-1) * A)
@@ -265,6 +269,8 @@ class MambaBlock(nn.Module):
                                 d_conv=config.d_conv, expand=config.expand)
 
     def forward(self, x):
+        if x.shape[1] == 1:   # whichever backend: mamba_ssm's kernels are slow on many length-1 sequences
+            return x + forward_from_zero_state(self.mixer, self.norm(x))
         return x + self.mixer(self.norm(x))
 
 

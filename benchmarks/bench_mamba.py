@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine_line, median_seconds
-from model import TorchMamba
+from model import TorchMamba, ssm_inputs
 
 
 class LoopMamba(TorchMamba):
@@ -19,7 +19,7 @@ class LoopMamba(TorchMamba):
         length = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)
-        dt, B, C = self._ssm_inputs(x)
+        dt, B, C = ssm_inputs(self, x)
         dt = F.softplus(dt + self.dt_proj.bias)
         A = -torch.exp(self.A_log)
         h = torch.zeros(x.shape[0], self.d_inner, self.d_state)
