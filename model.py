@@ -127,8 +127,8 @@ def ssm_inputs(mixer, x):
 def forward_from_zero_state(mixer, hidden_states):
     """A Mamba mixer (`TorchMamba` or `mamba_ssm.Mamba`: same parameters) on length-1 sequences from a zero
     state, as plain (batch, features) math: the conv sees only its last tap and the state is delta x B, so
-    y = delta x (B . C) + D x. Goal encodings are thousands of such sequences per batch; mamba_ssm's kernels
-    launch per sequence and took 30x longer on a GPU (BENCHMARKS.md, section 6)."""
+    y = delta x (B . C) + D x. Goal encodings are thousands of such sequences per batch; through mamba_ssm's
+    kernels a 256-window update took 20x longer on a GPU (BENCHMARKS.md, section 6)."""
     x, z = mixer.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
     x = x * mixer.conv1d.weight[:, 0, -1]
     if mixer.conv1d.bias is not None:
