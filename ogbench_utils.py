@@ -546,6 +546,7 @@ def build_parser():
                     help="encoder context while acting: recurrent streams (constant cost) or the last L steps")
     ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--candidate_noise", type=float, default=None, help="override the checkpoint's value")
     return parser
 
 
@@ -565,7 +566,7 @@ def evaluate_checkpoint(args):
     from utils import load_checkpoint, set_seed
     check_dataset_name(args.dataset)
     checkpoint = load_checkpoint(args.checkpoint)
-    overrides = {k: getattr(args, k) for k in ("num_noisy_candidates", "num_interpolations")
+    overrides = {k: getattr(args, k) for k in ("num_noisy_candidates", "num_interpolations", "candidate_noise")
                  if getattr(args, k) is not None}
     agent = OfflineAgent.from_checkpoint(checkpoint, **overrides)
     env = make_env(args.dataset)

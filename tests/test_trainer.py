@@ -60,3 +60,21 @@ def test_existing_run_is_not_overwritten_silently(tiny_dataset_dir, tmp_path):
     result = run_cli(*TINY_RUN, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir))
     assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
     assert (save_dir / "metrics.csv").read_text() == "epoch\n1\n"
+
+
+def test_acting_sweep_reproduces_the_final_evaluation_of_a_run(tiny_dataset_dir, tmp_path):
+    save_dir = tmp_path / "run"   # no noisy candidates: acting is deterministic, so the numbers must match exactly
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir),
+                                     "--num_noisy_candidates", "0"])
+    metrics = read_csv(save_dir / "metrics.csv")
+    tasks = " ".join(f"{metrics[f'eval/task{k}_success'][-1]:.2f}" for k in range(1, 6))
+    sweep = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(save_dir), "--eval_episodes", "1",
+                            "--settings", "", "num_interpolations=2"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert sweep.returncode == 0, sweep.stderr
+    own, interpolated = [line for line in sweep.stdout.splitlines() if line.startswith(" ")]
+    assert f"{metrics['eval/success'][-1]:.3f} (tasks {tasks})" in own
+    assert "num_interpolations=2" in interpolated
+    bad = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(save_dir), "--settings", "beta=3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "'beta' is not an acting setting" in bad.stderr
