@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import offline_trainer
 from conftest import TINY_DATASET
@@ -62,19 +63,47 @@ def test_existing_run_is_not_overwritten_silently(tiny_dataset_dir, tmp_path):
     assert (save_dir / "metrics.csv").read_text() == "epoch\n1\n"
 
 
-def test_acting_sweep_reproduces_the_final_evaluation_of_a_run(tiny_dataset_dir, tmp_path):
-    save_dir = tmp_path / "run"   # no noisy candidates: acting is deterministic, so the numbers must match exactly
+@pytest.fixture(scope="module")
+def deterministic_run(tiny_dataset_dir, tmp_path_factory):
+    """A tiny finished run without noisy candidates: its greedy acting draws no random numbers."""
+    save_dir = tmp_path_factory.mktemp("deterministic") / "run"
     offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir),
                                      "--num_noisy_candidates", "0"])
-    metrics = read_csv(save_dir / "metrics.csv")
+    return save_dir
+
+
+def test_acting_sweep_reproduces_the_final_evaluation_of_a_run(deterministic_run):
+    metrics = read_csv(deterministic_run / "metrics.csv")
     tasks = " ".join(f"{metrics[f'eval/task{k}_success'][-1]:.2f}" for k in range(1, 6))
-    sweep = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(save_dir), "--eval_episodes", "1",
-                            "--settings", "", "num_interpolations=2"], cwd=ROOT, capture_output=True, text=True,
+    sweep = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(deterministic_run), "--eval_episodes",
+                            "1", "--settings", "", "num_interpolations=2"], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
     assert sweep.returncode == 0, sweep.stderr
     own, interpolated = [line for line in sweep.stdout.splitlines() if line.startswith(" ")]
     assert f"{metrics['eval/success'][-1]:.3f} (tasks {tasks})" in own
     assert "num_interpolations=2" in interpolated
-    bad = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(save_dir), "--settings", "beta=3"],
+    bad = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(deterministic_run), "--settings", "beta=3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "'beta' is not an acting setting" in bad.stderr
+
+
+def test_proposer_finetune_moves_the_proposer_and_nothing_else(deterministic_run, tiny_dataset_dir):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from proposer_finetune import proposer_optimizer, proposer_step
+    from offline_agent import OfflineAgent
+    from ogbench_utils import load_datasets, sampler_for
+    agent = OfflineAgent.from_checkpoint(load_checkpoint(deterministic_run / "last_model.pth"))
+    before = {k: v.clone() for k, v in agent.state_dict()["heads"].items()}
+    encoder_before = {k: v.clone() for k, v in agent.encoder.state_dict().items()}
+    sampler = sampler_for(agent.config, load_datasets(TINY_DATASET, tiny_dataset_dir)[0], seed=1)
+    optimizer = proposer_optimizer(agent)
+    for _ in range(3):
+        assert math.isfinite(proposer_step(agent, optimizer, sampler.sample(4)))
+    after = agent.state_dict()["heads"]
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"proposer"}
+    assert all(torch.equal(v, agent.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    cli = subprocess.run([sys.executable, "benchmarks/proposer_finetune.py", str(deterministic_run), "--steps", "2",
+                          "--eval_at", "0,2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
