@@ -347,28 +347,32 @@ def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, task
             task_of.append(task_id)
     n = len(envs)
     max_steps = envs[0].spec.max_episode_steps
-    actor = agent.make_actor(np.asarray(goals, np.float32), mode=acting)
-    observations = np.asarray(observations, np.float32)
-    success, lengths = np.zeros(n), np.zeros(n)
-    active = np.arange(n)
-    with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
-        for step in range(max_steps):
-            actions = actor.act(observations[active])
-            keep = []
-            for row, (i, action) in enumerate(zip(active, actions)):
-                ob, _, terminated, truncated, info = envs[i].step(action)
-                observations[i] = ob
-                lengths[i] = step + 1
-                success[i] = max(success[i], info["success"])
-                if not (terminated or truncated):
-                    keep.append(row)
-            if len(keep) < len(active):
-                active = active[keep]
-                if len(active) == 0:
-                    break
-                actor.keep(np.asarray(keep))
-            bar.update(1)
-            bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
+    # the search's noisy candidates draw from torch's RNG: seed it too, in a fork, so an evaluation is the
+    # same whenever it runs (in training or from the checkpoint later) and leaves the caller's stream alone
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        actor = agent.make_actor(np.asarray(goals, np.float32), mode=acting)
+        observations = np.asarray(observations, np.float32)
+        success, lengths = np.zeros(n), np.zeros(n)
+        active = np.arange(n)
+        with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
+            for step in range(max_steps):
+                actions = actor.act(observations[active])
+                keep = []
+                for row, (i, action) in enumerate(zip(active, actions)):
+                    ob, _, terminated, truncated, info = envs[i].step(action)
+                    observations[i] = ob
+                    lengths[i] = step + 1
+                    success[i] = max(success[i], info["success"])
+                    if not (terminated or truncated):
+                        keep.append(row)
+                if len(keep) < len(active):
+                    active = active[keep]
+                    if len(active) == 0:
+                        break
+                    actor.keep(np.asarray(keep))
+                bar.update(1)
+                bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
     for env in envs:
         env.close()
     task_of = np.asarray(task_of)

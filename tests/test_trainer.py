@@ -107,3 +107,17 @@ def test_proposer_finetune_moves_the_proposer_and_nothing_else(deterministic_run
                           "--eval_at", "0,2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
+
+
+def test_evaluation_is_reproducible_and_leaves_the_callers_torch_stream_alone(deterministic_run):
+    from offline_agent import OfflineAgent
+    from ogbench_utils import evaluate
+    # wide noisy candidates, so the search's draws change the actions
+    agent = OfflineAgent.from_checkpoint(load_checkpoint(deterministic_run / "last_model.pth"),
+                                         num_noisy_candidates=8, candidate_noise=3.0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = evaluate(agent, TINY_DATASET, 1, seed=5, progress=False, max_episode_steps=60)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)
+    assert evaluate(agent, TINY_DATASET, 1, seed=5, progress=False, max_episode_steps=60) == first
