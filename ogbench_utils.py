@@ -323,6 +323,32 @@ def concat_batches(first, second):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def run_episodes(actor, envs, observations, progress):
+    """Step all episodes side by side until each ends: (success (N,), episode lengths (N,))."""
+    n, max_steps = len(envs), envs[0].spec.max_episode_steps
+    success, lengths = np.zeros(n), np.zeros(n)
+    active = np.arange(n)
+    with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
+        for step in range(max_steps):
+            actions = actor.act(observations[active])
+            keep = []
+            for row, (i, action) in enumerate(zip(active, actions)):
+                ob, _, terminated, truncated, info = envs[i].step(action)
+                observations[i] = ob
+                lengths[i] = step + 1
+                success[i] = max(success[i], info["success"])
+                if not (terminated or truncated):
+                    keep.append(row)
+            if len(keep) < len(active):
+                active = active[keep]
+                if len(active) == 0:
+                    break
+                actor.keep(np.asarray(keep))
+            bar.update(1)
+            bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
+    return success, lengths
+
+
 def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, tasks=None, acting="recurrent",
              max_episode_steps=None):
     """OGBench's protocol, all episodes side by side: one batched policy call per step.
@@ -345,34 +371,12 @@ def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, task
             goals.append(info["goal"])
             observations.append(ob)
             task_of.append(task_id)
-    n = len(envs)
-    max_steps = envs[0].spec.max_episode_steps
     # the search's noisy candidates draw from torch's RNG: seed it too, in a fork, so an evaluation is the
     # same whenever it runs (in training or from the checkpoint later) and leaves the caller's stream alone
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         actor = agent.make_actor(np.asarray(goals, np.float32), mode=acting)
-        observations = np.asarray(observations, np.float32)
-        success, lengths = np.zeros(n), np.zeros(n)
-        active = np.arange(n)
-        with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
-            for step in range(max_steps):
-                actions = actor.act(observations[active])
-                keep = []
-                for row, (i, action) in enumerate(zip(active, actions)):
-                    ob, _, terminated, truncated, info = envs[i].step(action)
-                    observations[i] = ob
-                    lengths[i] = step + 1
-                    success[i] = max(success[i], info["success"])
-                    if not (terminated or truncated):
-                        keep.append(row)
-                if len(keep) < len(active):
-                    active = active[keep]
-                    if len(active) == 0:
-                        break
-                    actor.keep(np.asarray(keep))
-                bar.update(1)
-                bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
+        success, lengths = run_episodes(actor, envs, np.asarray(observations, np.float32), progress)
     for env in envs:
         env.close()
     task_of = np.asarray(task_of)

@@ -8,16 +8,11 @@ the trainer's final evaluation is), so the row with no overrides reproduces the 
         --settings "" "num_noisy_candidates=32" "candidate_noise=0.3"
 """
 import argparse
-import json
-import os
 
 import numpy as np
 import torch
 
-from common import machine_line
-from offline_agent import OfflineAgent
-from ogbench_utils import evaluate
-from utils import load_checkpoint, set_seed
+from common import evaluate_like_the_run, load_run, machine_line, task_line
 
 ACTING_FIELDS = {"num_noisy_candidates": int, "candidate_noise": float, "num_interpolations": int}
 
@@ -32,15 +27,6 @@ def parse_setting(text):
     return overrides
 
 
-def evaluate_run(run_dir, overrides, episodes):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
-    agent = OfflineAgent.from_checkpoint(load_checkpoint(os.path.join(run_dir, "last_model.pth")), **overrides)
-    set_seed(config["seed"])
-    return evaluate(agent, config["dataset"], episodes, seed=config["seed"], progress=False,
-                    max_episode_steps=config.get("max_episode_steps"))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="offline run folders (with last_model.pth and config.json)")
@@ -53,10 +39,10 @@ def main():
         overrides = parse_setting(setting)
         successes = []
         for run_dir in args.runs:
-            result = evaluate_run(run_dir, overrides, args.eval_episodes)
+            config, agent = load_run(run_dir, **overrides)
+            result = evaluate_like_the_run(agent, config, args.eval_episodes)
             successes.append(result["success"])
-            tasks = " ".join(f"{result[f'task{k}_success']:.2f}" for k in range(1, 6))
-            print(f"  {setting or '(own)':>40} {run_dir}: {result['success']:.3f} (tasks {tasks})", flush=True)
+            print(f"  {setting or '(own)':>40} {run_dir}: {result['success']:.3f} (tasks {task_line(result)})", flush=True)
         print(f"{setting or '(own)'}: {np.mean(successes):.3f} +/- {np.std(successes, ddof=1) if len(successes) > 1 else 0:.3f} "
               f"over {len(successes)} runs", flush=True)
 

@@ -9,16 +9,13 @@ already spent before it starts.
     python benchmarks/proposer_finetune.py runs/bench/navigate-uniform-seed1 --steps 1000 --eval_at 0,500,1000
 """
 import argparse
-import json
-import os
 import time
 
 import torch
 
-from common import machine_line
-from offline_agent import OfflineAgent, advantage_weights
-from ogbench_utils import evaluate, load_datasets, sampler_for
-from utils import load_checkpoint, set_seed
+from common import evaluate_like_the_run, load_run, machine_line, task_line
+from offline_agent import advantage_weights
+from ogbench_utils import load_datasets, sampler_for
 
 
 def proposer_optimizer(agent):
@@ -39,13 +36,6 @@ def proposer_step(agent, optimizer, batch):
     return loss.item()
 
 
-def greedy_success(agent, config):
-    set_seed(config["seed"])
-    result = evaluate(agent, config["dataset"], config["eval_episodes"], seed=config["seed"], progress=False,
-                      max_episode_steps=config.get("max_episode_steps"))
-    return result["success"], " ".join(f"{result[f'task{k}_success']:.2f}" for k in range(1, 6))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="an offline run folder (last_model.pth, config.json)")
@@ -53,9 +43,7 @@ def main():
     parser.add_argument("--eval_at", default="0,500,1000", help="evaluate after these many steps")
     args = parser.parse_args()
     print(machine_line())
-    with open(os.path.join(args.run, "config.json")) as f:
-        config = json.load(f)
-    agent = OfflineAgent.from_checkpoint(load_checkpoint(os.path.join(args.run, "last_model.pth")))
+    config, agent = load_run(args.run)
     train, _ = load_datasets(config["dataset"], config["dataset_dir"], config["max_trajectories"])
     sampler = sampler_for(agent.config, train, seed=config["seed"] + 1000)   # windows the run did not draw
     optimizer = proposer_optimizer(agent)
@@ -63,10 +51,10 @@ def main():
     losses, start = [], time.time()
     for step in range(args.steps + 1):
         if step in eval_at:
-            success, tasks = greedy_success(agent, config)
+            result = evaluate_like_the_run(agent, config)
             recent = sum(losses[-100:]) / max(len(losses[-100:]), 1)
-            print(f"{args.run}: after {step} proposer steps ({time.time() - start:.0f} s): success {success:.2f} "
-                  f"(tasks {tasks}); proposer loss {recent:.3f}", flush=True)
+            print(f"{args.run}: after {step} proposer steps ({time.time() - start:.0f} s): success "
+                  f"{result['success']:.2f} (tasks {task_line(result)}); proposer loss {recent:.3f}", flush=True)
         if step < args.steps:
             losses.append(proposer_step(agent, optimizer, sampler.sample(config["batch_size"])))
 
