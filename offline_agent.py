@@ -321,6 +321,25 @@ class OfflineAgent:
         self.update_targets()
         return {k: float(v.detach()) for k, v in info.items()}
 
+    def proposer_update(self, batch):
+        """One AWR step of the proposer alone; the encoder, critics, value and inverse dynamics stay frozen.
+
+        P's targets E([o_{t+k}]) move with the encoder during joint training, so at the end P lags the
+        latents it is read against (BENCHMARKS.md, "proposer phase"); steps of P alone on the final
+        encoder let it catch up. Only P's parameters get gradients, so the shared Adam (which skips
+        parameters without one) moves nothing else, and the target critics are not touched.
+        """
+        with torch.no_grad():
+            lat = self.encode_batch(batch)
+            advantage = self.policy_advantage(lat.z, lat.z_next, lat.z_future, lat.z_actor_goal, batch)
+            weights = advantage_weights(advantage, self.config.beta)
+        loss = self.proposer_loss(lat.z, lat.z_next, lat.z_actor_goal, weights, batch["future_valid"].float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.heads.proposer.parameters(), GRAD_CLIP_NORM)
+        self.optimizer.step()
+        return {"proposer/loss": float(loss.detach())}
+
     def train_step(self, draw_windows, draw_transitions=None):
         """`update` on one batch of windows, then `critic_steps` critic steps on fresh batches: of windows,
         or, with critic_batch='transitions', of independent transitions (draw_transitions() -> batch)."""

@@ -109,6 +109,9 @@ def build_parser():
     parser.add_argument("--eval_every", type=positive_int, default=10, help="evaluate every N epochs (and at the end)")
     parser.add_argument("--time_budget", type=positive_float, default=None,
                         help="minutes of training (updates and periodic evaluations) before a final evaluation")
+    parser.add_argument("--proposer_phase", type=positive_float, default=None,
+                        help="the last N minutes of --time_budget train the proposer alone on the frozen encoder "
+                             "(checked at epoch ends; see README)")
     parser.add_argument("--save_dir", default="runs/offline", help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --save_dir from last_model.pth")
     add_model_flags(parser)
@@ -135,6 +138,16 @@ def prepare_save_dir(save_dir, resume, overwrite, run_files=RUN_FILES):
         os.remove(stale)
 
 
+def check_schedule(args):
+    if args.proposer_phase is not None and (args.time_budget is None or args.proposer_phase >= args.time_budget):
+        raise UserError(f"--proposer_phase ({args.proposer_phase} min) is the end of --time_budget "
+                        f"({args.time_budget} min): it needs a --time_budget longer than itself")
+
+
+def in_proposer_phase(args, elapsed):
+    return args.proposer_phase is not None and elapsed >= (args.time_budget - args.proposer_phase) * 60
+
+
 def warn_if_smoke_data(dataset, dataset_dir):
     provenance = read_provenance(dataset, dataset_dir)
     if provenance and provenance.get("smoke"):
@@ -148,6 +161,7 @@ def average(infos):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_dataset_name(args.dataset)
+    check_schedule(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -165,12 +179,12 @@ def main(argv=None):
         agent = OfflineAgent.from_checkpoint(checkpoint, device=device)
         agent.check_env_sizes(obs_dim, action_dim, source=last_path)
         start_epoch, best_success = checkpoint["epoch"] + 1, checkpoint["best_success"]
-        elapsed = checkpoint["elapsed"]
+        elapsed, proposer_steps = checkpoint["elapsed"], checkpoint.get("proposer_steps", 0)
         torch.set_rng_state(checkpoint["rng_torch"].cpu())
     else:
         agent = OfflineAgent(agent_config_from_args(args, obs_dim, action_dim), device=device)
         agent.set_normalization(train.observations)
-        start_epoch, best_success, elapsed = 1, -math.inf, 0.0
+        start_epoch, best_success, elapsed, proposer_steps = 1, -math.inf, 0.0, 0
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
 
     sampler = sampler_for(agent.config, train, seed=args.seed)
@@ -187,15 +201,22 @@ def main(argv=None):
     for epoch in range(start_epoch, args.num_epochs + 1):
         epoch_start = time.time()
         infos = []
-        bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}", leave=False, disable=args.no_progress)
+        proposer_only = in_proposer_phase(args, elapsed)
+        bar = tqdm(range(updates), desc=f"epoch {epoch}/{args.num_epochs}" + (" (proposer)" if proposer_only else ""),
+                   leave=False, disable=args.no_progress)
         for _ in bar:
-            infos.append(agent.train_step(lambda: sampler.sample(args.batch_size, device),
-                                          lambda: sampler.sample_transitions(args.batch_size * args.context_length, device)))
+            if proposer_only:
+                infos.append(agent.proposer_update(sampler.sample(args.batch_size, device)))
+                proposer_steps += 1
+            else:
+                infos.append(agent.train_step(lambda: sampler.sample(args.batch_size, device),
+                                              lambda: sampler.sample_transitions(args.batch_size * args.context_length, device)))
             check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
-                bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})
+                bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in infos[-1].items() if k in LOSS_COLUMNS[:7]})
         means = average(infos)
-        row = {"epoch": epoch, "step": agent.step, **{k: means[k] for k in LOSS_COLUMNS + CRITIC_STEP_COLUMNS if k in means}}
+        row = {"epoch": epoch, "step": agent.step, "proposer_steps": proposer_steps,
+               **{k: means[k] for k in LOSS_COLUMNS + CRITIC_STEP_COLUMNS if k in means}}
         elapsed += time.time() - epoch_start
         out_of_time = args.time_budget is not None and elapsed >= args.time_budget * 60
         last_epoch = epoch == args.num_epochs or out_of_time
@@ -208,17 +229,18 @@ def main(argv=None):
                 elapsed += time.time() - eval_start
             if result["success"] > best_success:
                 best_success = result["success"]
-                save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler),
+                save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, proposer_steps, args, sampler),
                                 os.path.join(args.save_dir, "best_model.pth"))
         row.update({f"eval/{k}": result.get(k, float("nan")) for k in
                     ["success"] + [f"task{i}_success" for i in range(1, 6)] + ["episode_length"]})
         row.update({"time/elapsed_s": elapsed, "time/epoch_s": time.time() - epoch_start})
         logger.log(row)  # before the checkpoint: a resume drops rows newer than its checkpoint
-        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler), last_path)
+        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, proposer_steps, args, sampler), last_path)
         plot_curves(logger.path, os.path.join(args.save_dir, "training_curves.png"), "epoch", CURVE_PANELS,
                     title=f"OPSO offline: {args.dataset}")
-        summary = f"epoch {epoch}: critic {row['critic/loss']:.3f} value {row['value/loss']:.3f} " \
-                  f"infonce {row['infonce/loss']:.3f} inverse {row['inverse/loss']:.3f}"
+        summary = (f"epoch {epoch}: proposer alone, loss {row['proposer/loss']:.3f}" if proposer_only else
+                   f"epoch {epoch}: critic {row['critic/loss']:.3f} value {row['value/loss']:.3f} "
+                   f"infonce {row['infonce/loss']:.3f} inverse {row['inverse/loss']:.3f}")
         if result:
             summary += f" | success {result['success']:.3f} (best {best_success:.3f})"
         tqdm.write(summary)
@@ -228,9 +250,9 @@ def main(argv=None):
     return best_success
 
 
-def checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler):
+def checkpoint_dict(agent, epoch, best_success, elapsed, proposer_steps, args, sampler):
     state = agent.state_dict()
-    state.update(epoch=epoch, best_success=best_success, elapsed=elapsed, run_config=vars(args),
+    state.update(epoch=epoch, best_success=best_success, elapsed=elapsed, proposer_steps=proposer_steps, run_config=vars(args),
                  rng_torch=torch.get_rng_state(), rng_sampler=sampler.rng.bit_generator.state)
     return state
 

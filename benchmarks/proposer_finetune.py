@@ -1,39 +1,19 @@
 """Is the proposer under-trained? Train only P(z, z_g) of a finished run further, everything else frozen.
 
 The encoder, the value and the inverse dynamics stay as the run left them; P gets `--steps` more AWR steps
-(its own loss, the run's advantage and beta) on fresh windows, then the greedy evaluation is repeated with
-the run's seed. If success climbs towards what the oracle's subgoals give, the budget was short of proposer
-steps; if not, P's objective is what fails. A diagnostic, not a training mode: the run's 30 minutes are
-already spent before it starts.
+(OfflineAgent.proposer_update: its own loss, the run's advantage and beta, the run's Adam state) on fresh
+windows, then the greedy evaluation is repeated with the run's seed. If success climbs towards what the
+oracle's subgoals give, the budget was short of proposer steps; if not, P's objective is what fails. A diagnostic: the run's 30 minutes are already spent before it
+starts (offline_trainer.py --proposer_phase is the same inside the budget). Before the trainer's phase existed
+this script gave P a fresh Adam; the numbers in benchmarks/results/proposer_finetune.txt are from that version.
 
     python benchmarks/proposer_finetune.py runs/bench/navigate-uniform-seed1 --steps 1000 --eval_at 0,500,1000
 """
 import argparse
 import time
 
-import torch
-
 from common import evaluate_like_the_run, load_run, machine_line, task_line
-from offline_agent import advantage_weights
 from ogbench_utils import load_datasets, sampler_for
-
-
-def proposer_optimizer(agent):
-    return torch.optim.Adam(agent.heads.proposer.parameters(), lr=agent.config.lr)
-
-
-def proposer_step(agent, optimizer, batch):
-    """One AWR step of P alone; the latents, advantages and every other network are left untouched."""
-    with torch.no_grad():
-        lat = agent.encode_batch(batch)
-        valid = batch["future_valid"].float()
-        advantage = agent.policy_advantage(lat.z, lat.z_next, lat.z_future, lat.z_actor_goal, batch)
-        weights = advantage_weights(advantage, agent.config.beta)
-    loss = agent.proposer_loss(lat.z, lat.z_next, lat.z_actor_goal, weights, valid)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
 
 
 def main():
@@ -46,7 +26,6 @@ def main():
     config, agent = load_run(args.run)
     train, _ = load_datasets(config["dataset"], config["dataset_dir"], config["max_trajectories"])
     sampler = sampler_for(agent.config, train, seed=config["seed"] + 1000)   # windows the run did not draw
-    optimizer = proposer_optimizer(agent)
     eval_at = sorted(int(s) for s in args.eval_at.split(","))
     losses, start = [], time.time()
     for step in range(args.steps + 1):
@@ -56,7 +35,7 @@ def main():
             print(f"{args.run}: after {step} proposer steps ({time.time() - start:.0f} s): success "
                   f"{result['success']:.2f} (tasks {task_line(result)}); proposer loss {recent:.3f}", flush=True)
         if step < args.steps:
-            losses.append(proposer_step(agent, optimizer, sampler.sample(config["batch_size"])))
+            losses.append(agent.proposer_update(sampler.sample(config["batch_size"]))["proposer/loss"])
 
 
 if __name__ == "__main__":

@@ -211,6 +211,26 @@ def test_critic_step_proposer_trains_the_proposer_but_not_the_inverse_dynamics()
     assert not all(torch.equal(before, after) for before, after in zip(proposer, agent.heads.proposer.parameters()))
 
 
+def test_proposer_update_moves_the_proposer_alone_even_after_joint_updates():
+    data, batch = small_batch()
+    agent = normalized_agent(data, lr=1e-3)
+    for _ in range(2):   # Adam then holds moments for every parameter; those without a gradient must not move
+        agent.update(batch)
+    frozen = {name: {k: v.clone() for k, v in module.state_dict().items()}
+              for name, module in [("encoder", agent.encoder), ("targets", agent.targets)]
+              + [(n, m) for n, m in agent.heads.named_children() if n != "proposer"]}
+    proposer = [p.clone() for p in agent.heads.proposer.parameters()]
+    first = agent.proposer_update(batch)["proposer/loss"]
+    for _ in range(40):
+        last = agent.proposer_update(batch)["proposer/loss"]
+    assert last < first and agent.step == 2
+    modules = dict(agent.heads.named_children(), encoder=agent.encoder, targets=agent.targets)
+    for name, state in frozen.items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, modules[name].state_dict()[key], rtol=0, atol=0, msg=f"{name}.{key}")
+    assert not any(torch.equal(b, a) for b, a in zip(proposer, agent.heads.proposer.parameters()))
+
+
 def test_critic_update_on_valid_rows_equals_the_masked_losses_over_whole_windows():
     data, batch = small_batch()
     agent = normalized_agent(data)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,26 +88,46 @@ def test_acting_sweep_reproduces_the_final_evaluation_of_a_run(deterministic_run
     assert bad.returncode != 0 and "'beta' is not an acting setting" in bad.stderr
 
 
-def test_proposer_finetune_moves_the_proposer_and_nothing_else(deterministic_run, tiny_dataset_dir):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from proposer_finetune import proposer_optimizer, proposer_step
-    from offline_agent import OfflineAgent
-    from ogbench_utils import load_datasets, sampler_for
-    agent = OfflineAgent.from_checkpoint(load_checkpoint(deterministic_run / "last_model.pth"))
-    before = {k: v.clone() for k, v in agent.state_dict()["heads"].items()}
-    encoder_before = {k: v.clone() for k, v in agent.encoder.state_dict().items()}
-    sampler = sampler_for(agent.config, load_datasets(TINY_DATASET, tiny_dataset_dir)[0], seed=1)
-    optimizer = proposer_optimizer(agent)
-    for _ in range(3):
-        assert math.isfinite(proposer_step(agent, optimizer, sampler.sample(4)))
-    after = agent.state_dict()["heads"]
-    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"proposer"}
-    assert all(torch.equal(v, agent.encoder.state_dict()[k]) for k, v in encoder_before.items())
+def test_proposer_finetune_cli_evaluates_before_and_after(deterministic_run):
     cli = subprocess.run([sys.executable, "benchmarks/proposer_finetune.py", str(deterministic_run), "--steps", "2",
                           "--eval_at", "0,2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
+
+
+def test_proposer_phase_ends_the_time_budget_with_proposer_only_epochs(tiny_dataset_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    budget_min, phase_min = 0.06, 0.03
+    schedule = ["--num_epochs", "10000", "--updates_per_epoch", "20", "--eval_every", "10000",
+                "--time_budget", str(budget_min), "--proposer_phase", str(phase_min)]
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir)] + schedule)
+    m = read_csv(save_dir / "metrics.csv")
+    joint = np.isfinite(m["critic/loss"])
+    first_phase = int(np.argmin(joint))
+    assert joint[0] and not joint[-1] and joint[:first_phase].all() and not joint[first_phase:].any()
+    # an epoch is proposer-only once the time before it reached budget - phase, and the run stops at the budget
+    elapsed_before = np.concatenate([[0.0], m["time/elapsed_s"][:-1]])
+    assert (elapsed_before[first_phase:] >= (budget_min - phase_min) * 60).all()
+    assert (elapsed_before[:first_phase] < (budget_min - phase_min) * 60).all()
+    assert m["time/elapsed_s"][-1] >= budget_min * 60 and elapsed_before[-1] < budget_min * 60
+    assert (m["step"][first_phase:] == m["step"][first_phase - 1]).all()          # no joint update in the phase
+    assert list(m["proposer_steps"][first_phase:]) == [20 * (i + 1) for i in range(len(m["step"]) - first_phase)]
+    assert np.isfinite(m["proposer/loss"]).all() and np.isfinite(m["eval/success"][-1])
+    checkpoint = load_checkpoint(save_dir / "last_model.pth")
+    assert checkpoint["proposer_steps"] == m["proposer_steps"][-1]
+    # resuming a spent budget runs one more proposer-only epoch and carries the count on
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir), "--resume"]
+                         + schedule)
+    resumed = read_csv(save_dir / "metrics.csv")
+    assert len(resumed["epoch"]) == len(m["epoch"]) + 1 and resumed["proposer_steps"][-1] == m["proposer_steps"][-1] + 20
+    assert resumed["step"][-1] == m["step"][-1]
+
+
+def test_proposer_phase_needs_a_longer_time_budget():
+    for extra in (["--proposer_phase", "1"], ["--proposer_phase", "2", "--time_budget", "2"]):
+        result = run_cli(*extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: --proposer_phase") and "--time_budget" in result.stderr
 
 
 def test_evaluation_is_reproducible_and_leaves_the_callers_torch_stream_alone(deterministic_run):
