@@ -115,6 +115,9 @@ def test_proposer_phase_ends_the_time_budget_with_proposer_only_epochs(tiny_data
     assert np.isfinite(m["proposer/loss"]).all() and np.isfinite(m["eval/success"][-1])
     checkpoint = load_checkpoint(save_dir / "last_model.pth")
     assert checkpoint["proposer_steps"] == m["proposer_steps"][-1]
+    summary = subprocess.run([sys.executable, "benchmarks/summarize.py", str(save_dir)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60).stdout
+    assert f"{int(m['step'][-1])} updates + {int(m['proposer_steps'][-1])} proposer steps" in summary
     # resuming a spent budget runs one more proposer-only epoch and carries the count on
     offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir), "--resume"]
                          + schedule)
