@@ -9,7 +9,7 @@ does (`--score q`), or the value from the candidate on, V(z', z_g) (`--score val
 subgoal; V is trained on single-observation latents E([o_t]) by the critic steps), and I(z, z', z_g) acts on it; `--with_proposal` adds P's proposal to the candidates. Acting only: it
 re-evaluates finished runs' last checkpoints with the trainer's final-evaluation protocol (the run's seed).
 
-    python benchmarks/data_subgoals.py runs/bench/navigate-uniform-seed{0,1,2} --neighbors 32
+    python benchmarks/data_subgoals.py runs/bench/navigate-uniform-seed{0,1,2} --neighbors 512 --score value
 """
 import argparse
 import time
@@ -68,7 +68,7 @@ class DataSubgoalActor(RecurrentActor):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="offline run folders (with last_model.pth and config.json)")
-    parser.add_argument("--neighbors", type=int, default=32, help="nearest dataset states per step")
+    parser.add_argument("--neighbors", type=int, default=512, help="nearest dataset states per step")
     parser.add_argument("--stride", type=int, default=5, help="keep every N-th training state in the bank")
     parser.add_argument("--score", choices=["q", "value"], default="q",
                         help="pick the candidate with the largest min Q(z, z', z_g), or V(z', z_g)")
