@@ -396,7 +396,11 @@ class OfflineAgent:
 
     @torch.no_grad()
     def search_subgoal(self, z, z_goal, origin=None):
-        candidates = self.candidates(z, z_goal, origin)
+        return self.best_by_q(z, self.candidates(z, z_goal, origin), z_goal)
+
+    @torch.no_grad()
+    def best_by_q(self, z, candidates, z_goal):
+        """(N, Z): of candidates (N, C, Z), the one with the largest min(Q1, Q2)(z, z', z_g) per row."""
         n, num = candidates.shape[:2]
         z_rep, g_rep = (t.unsqueeze(1).expand(-1, num, -1) for t in (z, z_goal))
         q = torch.minimum(*self.heads.q_values(z_rep, candidates, g_rep))

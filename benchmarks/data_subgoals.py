@@ -55,13 +55,11 @@ class DataSubgoalActor(RecurrentActor):
         candidates = self.bank.nearest(observations, self.neighbors)
         if self.with_proposal:
             candidates = torch.cat([self.agent.heads.proposer(z, self.z_goal).unsqueeze(1), candidates], dim=1)
-        n, num = candidates.shape[:2]
-        z_rep, g_rep = (t.unsqueeze(1).expand(-1, num, -1) for t in (z, self.z_goal))
         if self.score == "q":
-            scores = torch.minimum(*self.agent.heads.q_values(z_rep, candidates, g_rep))
+            z_next = self.agent.best_by_q(z, candidates, self.z_goal)
         else:
-            scores = self.agent.heads.value(candidates, g_rep)
-        z_next = candidates[torch.arange(n), scores.argmax(dim=1)]
+            values = self.agent.heads.value(candidates, self.z_goal.unsqueeze(1).expand_as(candidates))
+            z_next = candidates[torch.arange(len(candidates)), values.argmax(dim=1)]
         return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
 
 
