@@ -54,10 +54,14 @@ class AgentConfig:
     subgoal_latent: str = "goal"
     advantage: str = "kstep"
     inverse_state: str = "history"
-    inverse_subgoal: str = "k"
+    inverse_subgoal: str = "uniform"
     critic_steps: int = 1
     critic_step_proposer: bool = False
     critic_batch: str = "windows"
+    subgoal_source: str = "data"
+    data_neighbors: int = 4096
+    data_stride: int = 5
+    data_lookahead: Optional[int] = None
     mamba_backend: str = "auto"
 
 
@@ -76,6 +80,7 @@ ADVANTAGES = ("q", "kstep")
 INVERSE_STATES = ("history", "observation")
 INVERSE_SUBGOALS = ("k", "uniform")
 CRITIC_BATCHES = ("windows", "transitions")
+SUBGOAL_SOURCES = ("proposer", "data")
 
 
 def expectile_loss(diff, expectile):
@@ -132,6 +137,11 @@ class OfflineAgent:
             raise ValueError(f"critic_batch must be one of {CRITIC_BATCHES}, got {config.critic_batch!r}")
         if config.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
+        if config.subgoal_source not in SUBGOAL_SOURCES:
+            raise ValueError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {config.subgoal_source!r}")
+        if min(config.data_neighbors, config.data_stride, 1 if config.data_lookahead is None else config.data_lookahead) < 1:
+            raise ValueError(f"data_neighbors, data_stride and data_lookahead must be >= 1, got {config.data_neighbors}, "
+                             f"{config.data_stride} and {config.data_lookahead}")
         self.config = config
         self.device = torch.device(device)
         self.encoder = MambaEncoder(self.encoder_config(), backend=config.mamba_backend).to(self.device)
@@ -141,6 +151,7 @@ class OfflineAgent:
                                                 value=copy.deepcopy(self.heads.value))).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
         self.step = 0
+        self.subgoal_data = None
 
     def encoder_config(self):
         c = self.config
@@ -157,6 +168,13 @@ class OfflineAgent:
         """Observation mean/std of the dataset, kept in the encoder's buffers (and so in checkpoints)."""
         observations = np.asarray(observations)
         self.encoder.set_normalization(observations.mean(0), observations.std(0))
+
+    def set_subgoal_data(self, dataset):
+        """The dataset whose real states `subgoal_source='data'` acts with (not saved in checkpoints: the
+        trainers and `ogbench_utils.py evaluate` set it from the dataset they load)."""
+        c = self.config
+        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride,
+                                                      c.data_lookahead or c.subgoal_steps, self.device)
 
     # ------------------------------------------------------------------ latents
 
@@ -407,11 +425,30 @@ class OfflineAgent:
         return candidates[torch.arange(n), q.argmax(dim=1)]
 
     @torch.no_grad()
-    def act(self, observation_windows, goals):
-        """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps."""
+    def subgoal_table(self, z_goal):
+        """The data's subgoals valued for these goals (`SubgoalTable`) with subgoal_source='data', else None."""
+        if self.config.subgoal_source != "data":
+            return None
+        if self.subgoal_data is None:
+            raise UserError("subgoal_source 'data' acts with the dataset's states, but none is set: "
+                            "call agent.set_subgoal_data(dataset) (the trainers and the evaluate command do)")
+        return SubgoalTable(self, self.subgoal_data, z_goal)
+
+    @torch.no_grad()
+    def choose_subgoal(self, z, z_goal, observations, table=None):
+        """The greedy subgoal: the data's best real state near o_t (with a table), else the policy search's."""
+        if table is not None:
+            return table.subgoals(observations)
+        return self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
+
+    @torch.no_grad()
+    def act(self, observation_windows, goals, table=None):
+        """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps.
+        With subgoal_source='data', pass the goals' `subgoal_table` to act on many steps (else one is built)."""
         z, z_goal = self.latents(observation_windows, goals)
         observations = torch.as_tensor(np.asarray(observation_windows)[:, -1], dtype=torch.float32, device=self.device)
-        z_next = self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
+        table = table if table is not None else self.subgoal_table(z_goal)
+        z_next = self.choose_subgoal(z, z_goal, observations, table)
         return self.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).cpu().numpy()
 
     def inverse_action(self, z, observations, z_next, z_goal):
@@ -453,7 +490,8 @@ class OfflineAgent:
         # checkpoints from before these options were trained with what the options now call their old values
         for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
                                ("inverse_subgoal", "k"), ("critic_steps", 0),
-                               ("critic_step_proposer", False), ("critic_batch", "windows")):
+                               ("critic_step_proposer", False), ("critic_batch", "windows"),
+                               ("subgoal_source", "proposer")):
             config.setdefault(key, old_value)
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)
@@ -471,6 +509,9 @@ class WindowActor:
     def __init__(self, agent, goals):
         self.agent, self.goals = agent, np.asarray(goals, np.float32)
         self.history = None
+        with torch.no_grad():
+            z_goal = agent.encoder.encode_goals(torch.as_tensor(self.goals, device=agent.device))
+        self.table = agent.subgoal_table(z_goal)
 
     def act(self, observations):
         observations = np.asarray(observations, np.float32)[:, None]
@@ -478,11 +519,13 @@ class WindowActor:
             keep = self.agent.context_length - 1
             observations = np.concatenate([self.history[:, max(0, self.history.shape[1] - keep):], observations], axis=1)
         self.history = observations
-        return self.agent.act(self.history, self.goals)
+        return self.agent.act(self.history, self.goals, self.table)
 
     def keep(self, rows):
         """Keep only these episodes (the others ended)."""
         self.history, self.goals = self.history[rows], self.goals[rows]
+        if self.table is not None:
+            self.table.keep(rows)
 
 
 class RecurrentActor:
@@ -502,6 +545,7 @@ class RecurrentActor:
         goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=agent.device)
         with torch.no_grad():
             self.z_goal = agent.encoder.encode_goals(goals)
+        self.table = agent.subgoal_table(self.z_goal)
         self.caches = [None] * self.streams
         self.starts = [None] * self.streams
         self.t = 0
@@ -510,7 +554,7 @@ class RecurrentActor:
     def act(self, observations):
         observations = self.observation_tensor(observations)
         z = self.last_latent = self.latent(observations)   # kept for diagnostics (diagnose_acting --on_policy)
-        z_next = self.agent.search_subgoal(z, self.z_goal, self.agent.subgoal_origin(z, observations))
+        z_next = self.agent.choose_subgoal(z, self.z_goal, observations, self.table)
         return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
 
     def observation_tensor(self, observations):
@@ -534,4 +578,64 @@ class RecurrentActor:
     def keep(self, rows):
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.agent.device)
         self.z_goal = self.z_goal[rows]
+        if self.table is not None:
+            self.table.keep(rows)
         self.caches = [None if c is None else [(conv[rows], ssm[rows]) for conv, ssm in c] for c in self.caches]
+
+
+class DataSubgoals:
+    """Real states of the data as subgoals (subgoal_source='data'): every `stride`-th dataset state o_i; o_j,
+    the state k steps later in its own trajectory (j = min(i + k, its last step)); and the state `lookahead`
+    steps later (clamped alike), where the trajectory is headed, which the subgoal is valued by."""
+
+    def __init__(self, states, successors, lookaheads, device="cpu"):
+        self.states, self.successors, self.lookaheads = (
+            torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device) for x in (states, successors, lookaheads))
+
+    @classmethod
+    def from_dataset(cls, dataset, steps, stride, lookahead=None, device="cpu"):
+        rows = np.arange(0, len(dataset), stride)
+        ahead = [dataset.observations[np.minimum(rows + n, dataset.traj_ends[rows])]
+                 for n in (steps, lookahead or steps)]
+        return cls(dataset.observations[rows], *ahead, device)
+
+    def __len__(self):
+        return len(self.states)
+
+
+class SubgoalTable:
+    """The data's subgoals for a batch of episodes: at o_t, of the `data_neighbors` kept states nearest to o_t
+    (in normalised observations), the successor o_j with the largest V(E([o_j]), z_g) is the subgoal.
+
+    Each candidate is a real state about k steps from the agent, so Q(z, z', z_g), k rewards of -1 plus
+    gamma^k V(z', z_g), ranks them as V does; V is trained on these very encodings and Q scored on such
+    pairs picked worse (BENCHMARKS.md, "Real states as subgoals"). Unlike the proposer's regression, which
+    can land between two paths around a wall, the subgoal is always a state the data reached. The goals
+    stay fixed over the episodes, so V is computed for every (state, goal) once, here; a step then costs
+    a nearest-neighbour search.
+    """
+
+    def __init__(self, agent, data, z_goal, chunk=65536):
+        self.agent = agent
+        self.neighbors = min(agent.config.data_neighbors, len(data))
+        encoder, value = agent.encoder, agent.heads.value
+        self.states = encoder.normalize(data.states)
+        self.latents = torch.cat([encoder.encode_goals(part) for part in data.successors.split(chunk)])
+        valued = (self.latents if torch.equal(data.lookaheads, data.successors) else
+                  torch.cat([encoder.encode_goals(part) for part in data.lookaheads.split(chunk)]))
+        self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in valued.split(chunk)])
+                                   for goal in z_goal])
+
+    def nearest(self, observations):
+        """(N, neighbors): indices of the kept states nearest to each observation (N, obs_dim)."""
+        distances = torch.cdist(self.agent.encoder.normalize(observations), self.states)
+        return distances.topk(self.neighbors, dim=1, largest=False).indices
+
+    def subgoals(self, observations):
+        """(N, Z): each episode's subgoal latent at observations (N, obs_dim)."""
+        nearest = self.nearest(observations)
+        best = nearest.gather(1, self.values.gather(1, nearest).argmax(dim=1, keepdim=True)).squeeze(1)
+        return self.latents[best]
+
+    def keep(self, rows):
+        self.values = self.values[rows]

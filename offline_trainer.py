@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_agent import ADVANTAGES, CRITIC_BATCHES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, AgentConfig, OfflineAgent
+from offline_agent import (ADVANTAGES, CRITIC_BATCHES, INVERSE_STATES, INVERSE_SUBGOALS, SUBGOAL_LATENTS, SUBGOAL_SOURCES,
+                           AgentConfig, OfflineAgent)
 from ogbench_utils import (DEFAULT_DATASET_DIR, SUPPORTED_DATASETS, check_dataset_name, evaluate,
                            load_datasets, make_env, read_provenance, sampler_for)
 from utils import (UserError, CSVLogger, exit_on_user_error, load_checkpoint, non_negative_int, num_updates_per_epoch,
@@ -69,6 +70,16 @@ def add_model_flags(parser):
                         help="policy search: noisy copies of the proposed subgoal")
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,
                         help="policy search: goal-biased interpolations z + alpha (z_g - z)")
+    parser.add_argument("--subgoal_source", choices=list(SUBGOAL_SOURCES), default=d.subgoal_source,
+                        help="acting: the policy search over the proposal ('proposer'), or the best real dataset state "
+                             "by V among the successors of the agent's nearest dataset states ('data')")
+    parser.add_argument("--data_neighbors", type=positive_int, default=d.data_neighbors,
+                        help="subgoal_source 'data': nearest dataset states per step whose successors are candidates")
+    parser.add_argument("--data_stride", type=positive_int, default=d.data_stride,
+                        help="subgoal_source 'data': keep every N-th dataset state as a candidate")
+    parser.add_argument("--data_lookahead", type=positive_int, default=d.data_lookahead,
+                        help="subgoal_source 'data': value each candidate by the state this many steps on along its "
+                             "trajectory (default: k, the candidate itself)")
     parser.add_argument("--critic_steps", type=non_negative_int, default=d.critic_steps,
                         help="extra critic/value steps on single-observation latents per update")
     parser.add_argument("--critic_batch", choices=list(CRITIC_BATCHES), default=d.critic_batch,
@@ -185,6 +196,7 @@ def main(argv=None):
         agent = OfflineAgent(agent_config_from_args(args, obs_dim, action_dim), device=device)
         agent.set_normalization(train.observations)
         start_epoch, best_success, elapsed, proposer_steps = 1, -math.inf, 0.0, 0
+    agent.set_subgoal_data(train)
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
 
     sampler = sampler_for(agent.config, train, seed=args.seed)

@@ -555,6 +555,15 @@ def build_parser():
     ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--candidate_noise", type=float, default=None, help="override the checkpoint's value")
+    ev.add_argument("--subgoal_source", choices=["proposer", "data"], default=None,
+                    help="override the checkpoint's value ('data' loads the dataset from --dataset_dir)")
+    ev.add_argument("--data_neighbors", type=positive_int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--data_stride", type=positive_int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--data_lookahead", type=positive_int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--dataset_dir", default=None,
+                    help="dataset folder for subgoal_source 'data' (default: the training run's)")
+    ev.add_argument("--max_trajectories", type=positive_int, default=None,
+                    help="the first N trajectories, for subgoal_source 'data' (default: the training run's)")
     return parser
 
 
@@ -567,6 +576,10 @@ def main(argv=None):
     print(f"train with: python offline_trainer.py --dataset {args.dataset} --dataset_dir {args.dataset_dir}")
 
 
+ACTING_OVERRIDES = ("num_noisy_candidates", "num_interpolations", "candidate_noise", "subgoal_source",
+                    "data_neighbors", "data_stride", "data_lookahead")
+
+
 def evaluate_checkpoint(args):
     """Greedy evaluation of a saved agent; acting flags override the checkpoint's for this evaluation."""
     import json
@@ -574,12 +587,16 @@ def evaluate_checkpoint(args):
     from utils import load_checkpoint, set_seed
     check_dataset_name(args.dataset)
     checkpoint = load_checkpoint(args.checkpoint)
-    overrides = {k: getattr(args, k) for k in ("num_noisy_candidates", "num_interpolations", "candidate_noise")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ACTING_OVERRIDES if getattr(args, k) is not None}
     agent = OfflineAgent.from_checkpoint(checkpoint, **overrides)
     env = make_env(args.dataset)
     agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
     env.close()
+    if agent.config.subgoal_source == "data":
+        run = checkpoint.get("run_config", {})
+        train, _ = load_datasets(args.dataset, args.dataset_dir or run.get("dataset_dir", DEFAULT_DATASET_DIR),
+                                 args.max_trajectories or run.get("max_trajectories"))
+        agent.set_subgoal_data(train)
     set_seed(args.seed)
     result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, acting=args.acting)
     result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)

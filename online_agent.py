@@ -33,16 +33,17 @@ class OnlineAgent(OfflineAgent):
             group["lr"] = lr
 
     @torch.no_grad()
-    def explore_subgoal(self, z, z_goal, epsilon, origin=None, generator=None):
+    def explore_subgoal(self, z, z_goal, epsilon, origin=None, generator=None, greedy=None):
         """Goal-biased interpolation s + alpha (z_g - s) from the origin s (`subgoal_origin`, z when not given)
-        with probability epsilon per row, else the policy search's subgoal."""
+        with probability epsilon per row, else the greedy subgoal (`greedy`; the policy search's if not given)."""
         n, origin = len(z), z if origin is None else origin
         alpha = torch.empty(n, 1, device=z.device).uniform_(*EXPLORE_ALPHA_RANGE, generator=generator)
         biased = origin + alpha * (z_goal - origin)
         explore = torch.rand(n, 1, device=z.device, generator=generator) < epsilon
         if explore.all():
             return biased, explore.squeeze(1)
-        return torch.where(explore, biased, self.search_subgoal(z, z_goal, origin)), explore.squeeze(1)
+        greedy = self.search_subgoal(z, z_goal, origin) if greedy is None else greedy
+        return torch.where(explore, biased, greedy), explore.squeeze(1)
 
     def make_explorer(self, goals, epsilon, action_noise, streams=2):
         return ExploringActor(self, goals, epsilon, action_noise, streams)
@@ -61,7 +62,8 @@ class ExploringActor(RecurrentActor):
         observations = self.observation_tensor(observations)
         z = self.latent(observations)
         origin = self.agent.subgoal_origin(z, observations)
-        z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon, origin)
+        greedy = None if self.table is None else self.table.subgoals(observations)
+        z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon, origin, greedy=greedy)
         self.explored_steps += int(explored.sum())
         action = self.agent.inverse_action(z, observations, z_next, self.z_goal)
         action = action + self.action_noise * torch.randn_like(action)

@@ -132,6 +132,7 @@ def main(argv=None):
     set_seed(args.seed)
     write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
+    agent.set_subgoal_data(offline_data)
     c = agent.config
     offline_sampler = sampler_for(c, offline_data, seed=args.seed)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)

@@ -34,12 +34,17 @@ def median_seconds(fn, repeats, warmup=2):
 
 
 def load_run(run_dir, **overrides):
-    """(config.json as a dict, the agent of last_model.pth with acting overrides) of a finished offline run."""
+    """(config.json as a dict, the agent of last_model.pth with acting overrides) of a finished offline run;
+    an agent acting with the data's subgoals gets the run's training set."""
     from offline_agent import OfflineAgent
+    from ogbench_utils import load_datasets
     from utils import load_checkpoint
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
-    return config, OfflineAgent.from_checkpoint(load_checkpoint(os.path.join(run_dir, "last_model.pth")), **overrides)
+    agent = OfflineAgent.from_checkpoint(load_checkpoint(os.path.join(run_dir, "last_model.pth")), **overrides)
+    if agent.config.subgoal_source == "data":
+        agent.set_subgoal_data(load_datasets(config["dataset"], config["dataset_dir"], config["max_trajectories"])[0])
+    return config, agent
 
 
 def evaluate_like_the_run(agent, config, episodes=None):

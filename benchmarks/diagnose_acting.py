@@ -25,7 +25,7 @@ import torch
 
 from common import machine_line
 from offline_agent import OfflineAgent
-from ogbench_utils import GENERATED_DATASET_DIR, dataset_paths, evaluate, make_env, return_of_reaching
+from ogbench_utils import GENERATED_DATASET_DIR, dataset_paths, evaluate, load_datasets, make_env, return_of_reaching
 from utils import load_checkpoint
 
 
@@ -302,6 +302,8 @@ def main():
     args = parser.parse_args()
     print(machine_line())
     agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint))
+    if agent.config.subgoal_source == "data":
+        agent.set_subgoal_data(load_datasets(args.dataset, args.dataset_dir)[0])
     dataset_file = dataset_paths(args.dataset, args.dataset_dir)[0]
     needs_bank = args.high_level or args.on_policy or "snapped" in args.modes or "bank" in args.modes or (args.trace is not None and args.trace_mode != "oracle")
     bank = EncodedBank(agent, dataset_file, args.bank, args.seed) if needs_bank else None

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from offline_agent import AgentConfig, OfflineAgent, advantage_weights, at_positions, expectile_loss, info_nce_loss
+from offline_agent import (AgentConfig, DataSubgoals, OfflineAgent, advantage_weights, at_positions, expectile_loss,
+                           info_nce_loss)
 from ogbench_utils import Trajectories, WindowSampler
-from utils import load_checkpoint, save_checkpoint
+from utils import UserError, load_checkpoint, save_checkpoint
 
 SMALL = dict(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
-             context_length=12, subgoal_steps=3, mamba_backend="torch")
+             context_length=12, subgoal_steps=3, subgoal_source="proposer", mamba_backend="torch")
 
 
 def small_agent(seed=0, **overrides):
@@ -152,11 +153,11 @@ def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_va
 
 def test_checkpoints_from_before_the_subgoal_option_load_with_history_subgoals():
     state = small_agent(subgoal_latent="history").state_dict()
-    for key in ("subgoal_latent", "advantage", "inverse_beta", "inverse_subgoal"):
+    for key in ("subgoal_latent", "advantage", "inverse_beta", "inverse_subgoal", "subgoal_source"):
         del state["agent_config"][key]
     config = OfflineAgent.from_checkpoint(state).config
-    assert (config.subgoal_latent, config.advantage, config.inverse_beta, config.inverse_subgoal) == (
-        "history", "q", None, "k")
+    assert (config.subgoal_latent, config.advantage, config.inverse_beta, config.inverse_subgoal,
+            config.subgoal_source) == ("history", "q", None, "k", "proposer")
     with pytest.raises(ValueError, match="subgoal_latent"):
         small_agent(subgoal_latent="future")
 
@@ -325,3 +326,75 @@ def test_subgoal_origin_lives_in_the_subgoals_space():
     agent = small_agent(num_noisy_candidates=0, num_interpolations=3)
     interpolations = agent.candidates(z[:2], z_goal, origin)[:, 1:]
     torch.testing.assert_close(interpolations, interpolations[..., :1].expand(-1, -1, 8))   # on the origin-goal segment
+
+
+# ----------------------------------------------------------------------------- subgoals from the data
+
+def test_data_subgoals_are_the_states_k_steps_ahead_in_their_own_trajectory():
+    data, _ = small_batch()
+    bank = DataSubgoals.from_dataset(data, steps=3, stride=4, lookahead=10)
+    rows = np.arange(0, len(data), 4)
+    np.testing.assert_array_equal(bank.states.numpy(), data.observations[rows])
+    for steps, states in ((3, bank.successors), (10, bank.lookaheads)):
+        for row, successor in zip(rows, states.numpy()):
+            ahead = np.flatnonzero((data.observations == successor).all(1))
+            assert len(ahead) == 1 and data.traj_ends[ahead[0]] == data.traj_ends[row]  # never crosses an episode end
+            assert ahead[0] == min(row + steps, data.traj_ends[row])                      # ahead, clamped at the end
+
+
+@pytest.mark.parametrize("lookahead", [None, 8])
+def test_data_subgoal_is_the_successor_of_a_nearest_state_with_the_best_value_ahead(lookahead):
+    data, _ = small_batch()
+    agent = normalized_agent(data, subgoal_source="data", data_neighbors=7, data_stride=2, data_lookahead=lookahead)
+    agent.set_subgoal_data(data)
+    observations = torch.as_tensor(data.observations[[3, 50, 101]]) + 0.3
+    goals = torch.as_tensor(data.observations[[20, 0, 119]])
+    bank = agent.subgoal_data
+    with torch.no_grad():
+        z_goal = agent.encoder.encode_goals(goals)
+        chosen = agent.subgoal_table(z_goal).subgoals(observations)
+        # reference: brute force in float64 over the bank; V of the state `lookahead` on (k: the successor itself)
+        states = agent.encoder.normalize(bank.states).double()
+        nearest = torch.cdist(agent.encoder.normalize(observations).double(), states).argsort(dim=1)[:, :7]
+        for i in range(3):
+            valued = agent.encoder.encode_goals((bank.successors if lookahead is None else bank.lookaheads)[nearest[i]])
+            values = agent.heads.value(valued, z_goal[i].expand_as(valued))
+            best = nearest[i][values.argmax()]
+            torch.testing.assert_close(chosen[i], agent.encoder.encode_goals(bank.successors[best][None])[0])
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "window"])
+def test_data_subgoal_actors_act_in_range_and_drop_finished_episodes(mode):
+    data, _ = small_batch()
+    agent = normalized_agent(data, subgoal_source="data", data_neighbors=5)
+    agent.set_subgoal_data(data)
+    goals = data.observations[[10, 60, 110]]
+    actor = agent.make_actor(goals, mode=mode)
+    action = actor.act(data.observations[[0, 40, 80]])
+    assert action.shape == (3, 2) and np.abs(action).max() <= 1
+    actor.keep(np.array([0, 2]))
+    assert actor.act(data.observations[[1, 81]]).shape == (2, 2)
+    # the table is the agent's own choice: act() without one builds the same
+    window = data.observations[[79, 80, 81]][None].repeat(2, 0)
+    np.testing.assert_allclose(agent.act(window, goals[:2]),
+                               agent.act(window, goals[:2], agent.subgoal_table(agent.latents(window, goals[:2])[1])))
+
+
+def test_data_subgoals_without_a_dataset_fail_with_a_clear_message():
+    agent = small_agent(subgoal_source="data")
+    with pytest.raises(UserError, match="set_subgoal_data"):
+        agent.make_actor(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="subgoal_source"):
+        small_agent(subgoal_source="dataset")
+
+
+def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
+    data, _ = small_batch()
+    agent = normalized_agent(data, subgoal_source="data", data_neighbors=5, data_stride=3)
+    agent.set_subgoal_data(data)
+    save_checkpoint(agent.state_dict(), tmp_path / "model.pth")
+    restored = OfflineAgent.from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
+    assert (restored.config.subgoal_source, restored.config.data_neighbors, restored.config.data_stride) == ("data", 5, 3)
+    restored.set_subgoal_data(data)
+    windows, goals = data.observations[None, 30:35].repeat(2, 0), data.observations[[5, 90]]
+    np.testing.assert_array_equal(agent.act(windows, goals), restored.act(windows, goals))

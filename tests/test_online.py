@@ -22,10 +22,11 @@ def test_schedules_hit_their_start_and_end_values():
     assert epsilon == pytest.approx(0.175) and noise == pytest.approx(0.125)
 
 
-def small_online_agent():
+def small_online_agent(subgoal_source="proposer"):
     torch.manual_seed(0)
     return OnlineAgent(AgentConfig(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
-                                   context_length=8, subgoal_steps=2, mamba_backend="torch"))
+                                   context_length=8, subgoal_steps=2, subgoal_source=subgoal_source,
+                                   data_neighbors=4, mamba_backend="torch"))
 
 
 def test_epsilon_one_follows_the_goal_biased_rule():
@@ -47,6 +48,16 @@ def test_exploring_actions_are_in_range():
     for _ in range(5):
         actions = actor.act(goals * 3)
         assert actions.shape == (6, 2) and np.all(np.abs(actions) <= 1.0)
+
+
+def test_greedy_exploring_steps_with_data_subgoals_follow_the_data_table():
+    agent = small_online_agent("data")
+    rng = np.random.default_rng(1)
+    data = Trajectories.from_terminals(rng.normal(size=(40, 2)), np.zeros((40, 2)), np.arange(40) % 10 == 9)
+    agent.set_subgoal_data(data)
+    goals, observations = rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(3, 2)).astype(np.float32)
+    explorer, greedy = agent.make_explorer(goals, epsilon=0.0, action_noise=0.0), agent.make_actor(goals)
+    np.testing.assert_allclose(explorer.act(observations), greedy.act(observations), rtol=1e-5, atol=1e-6)
 
 
 def test_replay_buffer_windows_never_cross_episodes():

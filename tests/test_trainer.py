@@ -95,33 +95,17 @@ def test_proposer_finetune_cli_evaluates_before_and_after(deterministic_run):
     assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
 
 
-def test_data_subgoal_bank_follows_each_state_k_steps_within_its_own_trajectory():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from data_subgoals import SubgoalBank
-    from offline_agent import AgentConfig, OfflineAgent
-    from ogbench_utils import Trajectories
-    agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
-                                     subgoal_steps=3, mamba_backend="torch"))
-    obs = np.arange(10, dtype=np.float32).repeat(2).reshape(10, 2)   # state i at (i, i)
-    terminals = np.zeros(10, bool)
-    terminals[[4, 9]] = True                                   # trajectories 0-4 and 5-9
-    bank = SubgoalBank(agent, Trajectories.from_terminals(obs, np.zeros((10, 2), np.float32), terminals), stride=2,
-                       chunk=2)
-    expected_rows = [3, 4, 4, 9, 9]                            # from states 0, 2, 4, 6, 8: +3, clamped at 4 and 9
-    torch.testing.assert_close(bank.states, torch.as_tensor(obs[::2]))
-    with torch.no_grad():
-        torch.testing.assert_close(bank.latents, agent.encoder.encode_goals(torch.as_tensor(obs[expected_rows])))
-        nearest = bank.nearest(torch.tensor([[7.8, 7.9], [0.9, 0.9], [4.2, 4.0]]), 1)
-    torch.testing.assert_close(nearest[:, 0], bank.latents[[4, 0, 2]])   # the bank's states 8, 0 and 4
-
-
-def test_data_subgoals_cli_evaluates_each_scoring(deterministic_run):
-    for extra in ([], ["--score", "value", "--with_proposal"]):
-        cli = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--neighbors", "4",
-                              "--stride", "3", "--eval_episodes", "1", *extra], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+def test_data_subgoals_cli_reproduces_the_run_and_ranks_by_q(deterministic_run):
+    """The tiny run acts with the data's subgoals (the default); all its 48 kept states are neighbours here."""
+    final = read_csv(deterministic_run / "metrics.csv")["eval/success"][-1]
+    for extra, expected in ((["--score", "value"], f"success {final:.2f}"), (["--score", "q", "--with_proposal"], "success ")):
+        cli = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--neighbors", "64",
+                              "--eval_episodes", "1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
-        assert "data subgoals (4 neighbours, stride 3" in cli.stdout and "success " in cli.stdout
+        assert "data subgoals (64 neighbours, stride 5" in cli.stdout and expected in cli.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--with_proposal"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "pass --score q" in bad.stderr
 
 
 def test_proposer_phase_ends_the_time_budget_with_proposer_only_epochs(tiny_dataset_dir, tmp_path):
@@ -167,7 +151,7 @@ def test_evaluation_is_reproducible_and_leaves_the_callers_torch_stream_alone(de
     from ogbench_utils import evaluate
     # wide noisy candidates, so the search's draws change the actions
     agent = OfflineAgent.from_checkpoint(load_checkpoint(deterministic_run / "last_model.pth"),
-                                         num_noisy_candidates=8, candidate_noise=3.0)
+                                         subgoal_source="proposer", num_noisy_candidates=8, candidate_noise=3.0)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     first = evaluate(agent, TINY_DATASET, 1, seed=5, progress=False, max_episode_steps=60)
