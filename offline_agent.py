@@ -6,8 +6,10 @@ an expectile value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a 
 of its trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, inverse dynamics and an
 advantage-weighted subgoal proposer (AWR, Peng et al., 2019); the inverse dynamics' own weights have
 their own temperature (`inverse_beta`, 0 by default: measured, see BENCHMARKS.md).
-Acting: candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)),
-the one with the largest Q wins, the action is I(z, z', z_g).
+Acting: a subgoal z', and the action I(z, z', z_g). By default (subgoal_source='data', `SubgoalTable`) z' is a
+real dataset state k steps on from one of the dataset states nearest to the agent, the one with the largest
+V(z', z_g); with subgoal_source='proposer', the policy search: candidates z' (the proposer, noisy copies,
+goal-biased interpolations z + alpha (z_g - z)), the one with the largest Q wins.
 """
 import copy
 import math

@@ -2,7 +2,7 @@
 
 Exploration (SPEC.md, "Online fine-tuning"): with probability epsilon the subgoal is a goal-biased
 interpolation z' = s + alpha (z_g - s), alpha ~ U(0.2, 1.0), from the agent's point s in the subgoals'
-space (E([o_t]) for goal-encoded subgoals, else z_t: OfflineAgent.subgoal_origin), else the policy search's choice; the
+space (E([o_t]) for goal-encoded subgoals, else z_t: OfflineAgent.subgoal_origin), else the greedy subgoal; the
 action is I(z, z', z_g) plus Gaussian noise, clipped to [-1, 1]. Epsilon and the noise decay
 linearly over the online run. Fine-tuning mixes offline and online windows (CORL / fql style:
 separate buffers, a ratio, and a named switch `start_online` where the offline phase ends).
