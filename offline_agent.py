@@ -60,7 +60,7 @@ class AgentConfig:
     critic_steps: int = 1
     critic_step_proposer: bool = False
     critic_batch: str = "windows"
-    subgoal_source: str = "data"
+    subgoal_source: str = "proposer"
     data_neighbors: int = 4096
     data_stride: int = 5
     data_lookahead: Optional[int] = None

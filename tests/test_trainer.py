@@ -95,10 +95,9 @@ def test_proposer_finetune_cli_evaluates_before_and_after(deterministic_run):
     assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
 
 
-def test_data_subgoals_cli_reproduces_the_run_and_ranks_by_q(deterministic_run):
-    """The tiny run acts with the data's subgoals (the default); all its 48 kept states are neighbours here."""
-    final = read_csv(deterministic_run / "metrics.csv")["eval/success"][-1]
-    for extra, expected in ((["--score", "value"], f"success {final:.2f}"), (["--score", "q", "--with_proposal"], "success ")):
+def test_data_subgoals_cli_ranks_by_value_or_q(deterministic_run):
+    """Both scorings run on a finished run (all its 48 kept states are neighbours here)."""
+    for extra, expected in ((["--score", "value"], "success "), (["--score", "q", "--with_proposal"], "success ")):
         cli = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--neighbors", "64",
                               "--eval_episodes", "1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
@@ -158,3 +157,12 @@ def test_evaluation_is_reproducible_and_leaves_the_callers_torch_stream_alone(de
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(456)
     assert evaluate(agent, TINY_DATASET, 1, seed=5, progress=False, max_episode_steps=60) == first
+
+
+def test_a_run_acting_with_data_subgoals_evaluates_and_keeps_the_setting(tiny_dataset_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir),
+                                     "--subgoal_source", "data", "--data_neighbors", "8"])
+    assert np.isfinite(read_csv(save_dir / "metrics.csv")["eval/success"][-1])
+    config = load_checkpoint(save_dir / "last_model.pth")["agent_config"]
+    assert (config["subgoal_source"], config["data_neighbors"]) == ("data", 8)
