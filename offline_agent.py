@@ -6,10 +6,10 @@ an expectile value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a 
 of its trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, inverse dynamics and an
 advantage-weighted subgoal proposer (AWR, Peng et al., 2019); the inverse dynamics' own weights have
 their own temperature (`inverse_beta`, 0 by default: measured, see BENCHMARKS.md).
-Acting: a subgoal z', and the action I(z, z', z_g). By default (subgoal_source='data', `SubgoalTable`) z' is a
-real dataset state k steps on from one of the dataset states nearest to the agent, the one with the largest
-V(z', z_g); with subgoal_source='proposer', the policy search: candidates z' (the proposer, noisy copies,
-goal-biased interpolations z + alpha (z_g - z)), the one with the largest Q wins.
+Acting: a subgoal z', and the action I(z, z', z_g). By default (subgoal_source='proposer') the policy search:
+candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)), the one with the
+largest Q wins; with subgoal_source='data' (`SubgoalTable`), a real dataset state k steps on from one of the
+dataset states nearest to the agent, the one with the largest V(z', z_g).
 """
 import copy
 import math
@@ -175,8 +175,8 @@ class OfflineAgent:
         """The dataset whose real states `subgoal_source='data'` acts with (not saved in checkpoints: the
         trainers and `ogbench_utils.py evaluate` set it from the dataset they load)."""
         c = self.config
-        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride,
-                                                      c.data_lookahead or c.subgoal_steps, self.device)
+        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, c.data_lookahead,
+                                                      self.device)
 
     # ------------------------------------------------------------------ latents
 
@@ -588,18 +588,23 @@ class RecurrentActor:
 class DataSubgoals:
     """Real states of the data as subgoals (subgoal_source='data'): every `stride`-th dataset state o_i; o_j,
     the state k steps later in its own trajectory (j = min(i + k, its last step)); and the state `lookahead`
-    steps later (clamped alike), where the trajectory is headed, which the subgoal is valued by."""
+    steps later (clamped alike), where the trajectory is headed, which the subgoal is valued by (None: the
+    successor itself)."""
 
-    def __init__(self, states, successors, lookaheads, device="cpu"):
-        self.states, self.successors, self.lookaheads = (
-            torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device) for x in (states, successors, lookaheads))
+    def __init__(self, states, successors, lookaheads=None, device="cpu"):
+        self.states, self.successors = (torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+                                        for x in (states, successors))
+        self.lookaheads = None if lookaheads is None else torch.as_tensor(np.asarray(lookaheads), dtype=torch.float32,
+                                                                           device=device)
 
     @classmethod
     def from_dataset(cls, dataset, steps, stride, lookahead=None, device="cpu"):
         rows = np.arange(0, len(dataset), stride)
-        ahead = [dataset.observations[np.minimum(rows + n, dataset.traj_ends[rows])]
-                 for n in (steps, lookahead or steps)]
-        return cls(dataset.observations[rows], *ahead, device)
+
+        def ahead(n):
+            return dataset.observations[np.minimum(rows + n, dataset.traj_ends[rows])]
+        return cls(dataset.observations[rows], ahead(steps),
+                   None if lookahead in (None, steps) else ahead(lookahead), device)
 
     def __len__(self):
         return len(self.states)
@@ -623,7 +628,7 @@ class SubgoalTable:
         encoder, value = agent.encoder, agent.heads.value
         self.states = encoder.normalize(data.states)
         self.latents = torch.cat([encoder.encode_goals(part) for part in data.successors.split(chunk)])
-        valued = (self.latents if torch.equal(data.lookaheads, data.successors) else
+        valued = (self.latents if data.lookaheads is None else
                   torch.cat([encoder.encode_goals(part) for part in data.lookaheads.split(chunk)]))
         self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in valued.split(chunk)])
                                    for goal in z_goal])

@@ -52,7 +52,7 @@ def main():
     for size in args.bank_sizes:
         agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, subgoal_source="data", data_neighbors=args.neighbors,
                                          mamba_backend="torch"))
-        agent.subgoal_data = DataSubgoals(*rng.normal(size=(3, size, 2)))
+        agent.subgoal_data = DataSubgoals(*rng.normal(size=(2, size, 2)))   # valued at k, as by default
         start = time.perf_counter()
         agent.make_actor(rng.normal(size=(args.envs, 2)).astype(np.float32))
         table = time.perf_counter() - start
