@@ -145,6 +145,17 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
     return tuple(_to_trajectories(d, max_trajectories) for d in (train, val))
 
 
+def set_run_subgoal_data(agent, run_config, dataset=None, dataset_dir=None, max_trajectories=None):
+    """An agent acting with subgoal_source 'data' gets the training set of its run (run_config: the trainer's
+    flags, as in the checkpoint or config.json); the arguments given override the run's. Other agents: no-op."""
+    if agent.config.subgoal_source != "data":
+        return
+    train, _ = load_datasets(dataset or run_config["dataset"],
+                             dataset_dir or run_config.get("dataset_dir", DEFAULT_DATASET_DIR),
+                             max_trajectories or run_config.get("max_trajectories"))
+    agent.set_subgoal_data(train)
+
+
 def _to_trajectories(compact, max_trajectories):
     # compact datasets keep every observation; valids == 0 marks each trajectory's last step
     terminals = compact["valids"] == 0
@@ -550,6 +561,8 @@ def build_parser():
     ev.add_argument("--dataset", required=True, help="dataset whose environment to evaluate in")
     ev.add_argument("--eval_episodes", type=positive_int, default=20, help="episodes per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    ev.add_argument("--max_episode_steps", type=positive_int, default=None,
+                    help="cut episodes at this many steps (default: the environment's limit, e.g. 1000 for navigate)")
     ev.add_argument("--acting", choices=["recurrent", "window"], default="recurrent",
                     help="encoder context while acting: recurrent streams (constant cost) or the last L steps")
     ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
@@ -592,13 +605,10 @@ def evaluate_checkpoint(args):
     env = make_env(args.dataset)
     agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
     env.close()
-    if agent.config.subgoal_source == "data":
-        run = checkpoint.get("run_config", {})
-        train, _ = load_datasets(args.dataset, args.dataset_dir or run.get("dataset_dir", DEFAULT_DATASET_DIR),
-                                 args.max_trajectories or run.get("max_trajectories"))
-        agent.set_subgoal_data(train)
+    set_run_subgoal_data(agent, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir, args.max_trajectories)
     set_seed(args.seed)
-    result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, acting=args.acting)
+    result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, acting=args.acting,
+                      max_episode_steps=args.max_episode_steps)
     result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)
     print(json.dumps(result, sort_keys=True))
     return result

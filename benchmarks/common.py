@@ -37,13 +37,12 @@ def load_run(run_dir, **overrides):
     """(config.json as a dict, the agent of last_model.pth with acting overrides) of a finished offline run;
     an agent acting with the data's subgoals gets the run's training set."""
     from offline_agent import OfflineAgent
-    from ogbench_utils import load_datasets
+    from ogbench_utils import set_run_subgoal_data
     from utils import load_checkpoint
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     agent = OfflineAgent.from_checkpoint(load_checkpoint(os.path.join(run_dir, "last_model.pth")), **overrides)
-    if agent.config.subgoal_source == "data":
-        agent.set_subgoal_data(load_datasets(config["dataset"], config["dataset_dir"], config["max_trajectories"])[0])
+    set_run_subgoal_data(agent, config)
     return config, agent
 
 

@@ -25,7 +25,8 @@ import torch
 
 from common import machine_line
 from offline_agent import OfflineAgent
-from ogbench_utils import GENERATED_DATASET_DIR, dataset_paths, evaluate, load_datasets, make_env, return_of_reaching
+from ogbench_utils import (GENERATED_DATASET_DIR, dataset_paths, evaluate, make_env, return_of_reaching,
+                           set_run_subgoal_data)
 from utils import load_checkpoint
 
 
@@ -301,9 +302,9 @@ def main():
                         help="where the dataset file is (for --distances and --high_level)")
     args = parser.parse_args()
     print(machine_line())
-    agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint))
-    if agent.config.subgoal_source == "data":
-        agent.set_subgoal_data(load_datasets(args.dataset, args.dataset_dir)[0])
+    checkpoint = load_checkpoint(args.checkpoint)
+    agent = OfflineAgent.from_checkpoint(checkpoint)
+    set_run_subgoal_data(agent, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir)
     dataset_file = dataset_paths(args.dataset, args.dataset_dir)[0]
     needs_bank = args.high_level or args.on_policy or "snapped" in args.modes or "bank" in args.modes or (args.trace is not None and args.trace_mode != "oracle")
     bank = EncodedBank(agent, dataset_file, args.bank, args.seed) if needs_bank else None
