@@ -592,10 +592,10 @@ class DataSubgoals:
     successor itself)."""
 
     def __init__(self, states, successors, lookaheads=None, device="cpu"):
-        self.states, self.successors = (torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
-                                        for x in (states, successors))
-        self.lookaheads = None if lookaheads is None else torch.as_tensor(np.asarray(lookaheads), dtype=torch.float32,
-                                                                           device=device)
+        def tensor(x):
+            return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+        self.states, self.successors = tensor(states), tensor(successors)
+        self.lookaheads = None if lookaheads is None else tensor(lookaheads)
 
     @classmethod
     def from_dataset(cls, dataset, steps, stride, lookahead=None, device="cpu"):
@@ -627,9 +627,11 @@ class SubgoalTable:
         self.neighbors = min(agent.config.data_neighbors, len(data))
         encoder, value = agent.encoder, agent.heads.value
         self.states = encoder.normalize(data.states)
-        self.latents = torch.cat([encoder.encode_goals(part) for part in data.successors.split(chunk)])
-        valued = (self.latents if data.lookaheads is None else
-                  torch.cat([encoder.encode_goals(part) for part in data.lookaheads.split(chunk)]))
+
+        def encode(states):
+            return torch.cat([encoder.encode_goals(part) for part in states.split(chunk)])
+        self.latents = encode(data.successors)
+        valued = self.latents if data.lookaheads is None else encode(data.lookaheads)
         self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in valued.split(chunk)])
                                    for goal in z_goal])
 

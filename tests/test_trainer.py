@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import offline_trainer
+import ogbench_utils
 from conftest import TINY_DATASET
 from utils import load_checkpoint, read_csv
 
@@ -166,7 +167,6 @@ def test_a_run_acting_with_data_subgoals_evaluates_and_keeps_the_setting(tiny_da
     assert np.isfinite(read_csv(save_dir / "metrics.csv")["eval/success"][-1])
     config = load_checkpoint(save_dir / "last_model.pth")["agent_config"]
     assert (config["subgoal_source"], config["data_neighbors"]) == ("data", 8)
-    import ogbench_utils
     evaluate = ["evaluate", str(save_dir / "last_model.pth"), "--dataset", TINY_DATASET, "--eval_episodes", "1",
                 "--max_episode_steps", "60"]
     with_data = ogbench_utils.main(evaluate)   # the run's dataset, found through the checkpoint's run_config
