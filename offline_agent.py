@@ -6,10 +6,12 @@ an expectile value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a 
 of its trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, inverse dynamics and an
 advantage-weighted subgoal proposer (AWR, Peng et al., 2019); the inverse dynamics' own weights have
 their own temperature (`inverse_beta`, 0 by default: measured, see BENCHMARKS.md).
-Acting: a subgoal z', and the action I(z, z', z_g). By default (subgoal_source='proposer') the policy search:
+Acting: a subgoal z', and the action I(z, z', z_g). With subgoal_source='proposer', SPEC's policy search:
 candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)), the one with the
 largest Q wins; with subgoal_source='data' (`SubgoalTable`), a real dataset state k steps on from one of the
-dataset states nearest to the agent, the one with the largest V(z', z_g).
+dataset states nearest to the agent, the one with the largest V(z', z_g); by default (subgoal_source='switch')
+the data's subgoal until the agent stalls, then the policy search's until it stalls again, and so on
+(`StallSwitch`; measured, see BENCHMARKS.md).
 """
 import copy
 import math
@@ -60,10 +62,12 @@ class AgentConfig:
     critic_steps: int = 1
     critic_step_proposer: bool = False
     critic_batch: str = "windows"
-    subgoal_source: str = "proposer"
+    subgoal_source: str = "switch"
     data_neighbors: int = 4096
     data_stride: int = 5
     data_lookahead: Optional[int] = None
+    stall_steps: int = 50
+    stall_radius: float = 1.0
     mamba_backend: str = "auto"
 
 
@@ -82,7 +86,7 @@ ADVANTAGES = ("q", "kstep")
 INVERSE_STATES = ("history", "observation")
 INVERSE_SUBGOALS = ("k", "uniform")
 CRITIC_BATCHES = ("windows", "transitions")
-SUBGOAL_SOURCES = ("proposer", "data")
+SUBGOAL_SOURCES = ("proposer", "data", "switch")
 
 
 def expectile_loss(diff, expectile):
@@ -144,6 +148,9 @@ class OfflineAgent:
         if min(config.data_neighbors, config.data_stride, 1 if config.data_lookahead is None else config.data_lookahead) < 1:
             raise ValueError(f"data_neighbors, data_stride and data_lookahead must be >= 1, got {config.data_neighbors}, "
                              f"{config.data_stride} and {config.data_lookahead}")
+        if config.stall_steps < 1 or not config.stall_radius > 0:
+            raise ValueError(f"stall_steps must be >= 1 and stall_radius > 0, got {config.stall_steps} and "
+                             f"{config.stall_radius}")
         self.config = config
         self.device = torch.device(device)
         self.encoder = MambaEncoder(self.encoder_config(), backend=config.mamba_backend).to(self.device)
@@ -171,8 +178,13 @@ class OfflineAgent:
         observations = np.asarray(observations)
         self.encoder.set_normalization(observations.mean(0), observations.std(0))
 
+    @property
+    def acts_with_data(self):
+        """Whether acting needs the dataset's states (subgoal_source 'data' or 'switch')."""
+        return self.config.subgoal_source in ("data", "switch")
+
     def set_subgoal_data(self, dataset):
-        """The dataset whose real states `subgoal_source='data'` acts with (not saved in checkpoints: the
+        """The dataset whose real states subgoal_source 'data' and 'switch' act with (not saved in checkpoints: the
         trainers and `ogbench_utils.py evaluate` set it from the dataset they load)."""
         c = self.config
         self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, c.data_lookahead,
@@ -428,25 +440,35 @@ class OfflineAgent:
 
     @torch.no_grad()
     def subgoal_table(self, z_goal):
-        """The data's subgoals valued for these goals (`SubgoalTable`) with subgoal_source='data', else None."""
-        if self.config.subgoal_source != "data":
+        """The data's subgoals valued for these goals (`SubgoalTable`) when acting with them, else None."""
+        c = self.config
+        if not self.acts_with_data:
             return None
         if self.subgoal_data is None:
-            raise UserError("subgoal_source 'data' acts with the dataset's states, but none is set: "
+            raise UserError(f"subgoal_source {c.subgoal_source!r} acts with the dataset's states, but none is set: "
                             "call agent.set_subgoal_data(dataset) (the trainers and the evaluate command do)")
-        return SubgoalTable(self, self.subgoal_data, z_goal)
+        switch = None
+        if c.subgoal_source == "switch":
+            switch = StallSwitch(len(z_goal), c.stall_steps, c.stall_radius, z_goal.device)
+        return SubgoalTable(self, self.subgoal_data, z_goal, switch=switch)
 
     @torch.no_grad()
     def choose_subgoal(self, z, z_goal, observations, table=None):
-        """The greedy subgoal: the data's best real state near o_t (with a table), else the policy search's."""
-        if table is not None:
+        """The greedy subgoal: the data's best real state near o_t (with a table), else the policy search's;
+        with a table that has a `StallSwitch`, whichever of the two the switch says per episode."""
+        if table is None:
+            return self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
+        if table.switch is None:
             return table.subgoals(observations)
-        return self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
+        on_data = table.switch.on_data(observations).unsqueeze(1)
+        return torch.where(on_data, table.subgoals(observations),
+                           self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations)))
 
     @torch.no_grad()
     def act(self, observation_windows, goals, table=None):
         """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps.
-        With subgoal_source='data', pass the goals' `subgoal_table` to act on many steps (else one is built)."""
+        Acting with the data's states, pass the goals' `subgoal_table` to act on many steps (else one is built;
+        a table also holds the `StallSwitch`'s per-episode state)."""
         z, z_goal = self.latents(observation_windows, goals)
         observations = torch.as_tensor(np.asarray(observation_windows)[:, -1], dtype=torch.float32, device=self.device)
         table = table if table is not None else self.subgoal_table(z_goal)
@@ -622,8 +644,8 @@ class SubgoalTable:
     a nearest-neighbour search.
     """
 
-    def __init__(self, agent, data, z_goal, chunk=65536):
-        self.agent = agent
+    def __init__(self, agent, data, z_goal, chunk=65536, switch=None):
+        self.agent, self.switch = agent, switch
         self.neighbors = min(agent.config.data_neighbors, len(data))
         encoder, value = agent.encoder, agent.heads.value
         self.states = encoder.normalize(data.states)
@@ -648,3 +670,42 @@ class SubgoalTable:
 
     def keep(self, rows):
         self.values = self.values[rows]
+        if self.switch is not None:
+            self.switch.keep(rows)
+
+
+class StallSwitch:
+    """Which episodes act on the data's subgoals, the others on the policy search's (subgoal_source='switch').
+
+    The two rules fail different tasks of the same checkpoint, and both fail the same way: the agent comes to
+    rest, pushing into a wall or at a state none of whose candidates looks better (BENCHMARKS.md, "Where the
+    policy fails"). So each episode starts on the data's subgoals and swaps to the other rule whenever its
+    position, the first two observation dimensions (x-y in OGBench's mazes), has moved less than `radius`
+    over the last `steps` steps; after a swap it gets `steps` steps before it can swap again.
+    """
+
+    def __init__(self, episodes, steps, radius, device="cpu"):
+        self.steps, self.radius = steps, radius
+        self.data = torch.ones(episodes, dtype=torch.bool, device=device)
+        self.since_swap = torch.zeros(episodes, dtype=torch.long, device=device)
+        self.positions = None   # (N, steps, 2): the last `steps` positions, a ring buffer
+        self.t = 0
+
+    def on_data(self, observations):
+        """(N,) bool: call once per step with the observations (N, obs_dim); True where the data's subgoal acts."""
+        position = observations[:, :2]
+        if self.positions is None:
+            self.positions = position.unsqueeze(1).repeat(1, self.steps, 1)
+        slot = self.t % self.steps
+        self.since_swap += 1
+        stalled = (self.since_swap > self.steps) & ((position - self.positions[:, slot]).norm(dim=-1) < self.radius)
+        self.data ^= stalled
+        self.since_swap[stalled] = 0
+        self.positions[:, slot] = position
+        self.t += 1
+        return self.data
+
+    def keep(self, rows):
+        self.data, self.since_swap = self.data[rows], self.since_swap[rows]
+        if self.positions is not None:
+            self.positions = self.positions[rows]

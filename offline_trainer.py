@@ -71,8 +71,9 @@ def add_model_flags(parser):
     parser.add_argument("--num_interpolations", type=int, default=d.num_interpolations,
                         help="policy search: goal-biased interpolations z + alpha (z_g - z)")
     parser.add_argument("--subgoal_source", choices=list(SUBGOAL_SOURCES), default=d.subgoal_source,
-                        help="acting: the policy search over the proposal ('proposer'), or the best real dataset state "
-                             "by V among the successors of the agent's nearest dataset states ('data')")
+                        help="acting: the policy search over the proposal ('proposer'), the best real dataset state "
+                             "by V among the successors of the agent's nearest dataset states ('data'), or the data's "
+                             "until the agent stalls, then the other rule until it stalls again ('switch')")
     parser.add_argument("--data_neighbors", type=positive_int, default=d.data_neighbors,
                         help="subgoal_source 'data': nearest dataset states per step whose successors are candidates")
     parser.add_argument("--data_stride", type=positive_int, default=d.data_stride,
@@ -80,6 +81,11 @@ def add_model_flags(parser):
     parser.add_argument("--data_lookahead", type=positive_int, default=d.data_lookahead,
                         help="subgoal_source 'data': value each candidate by the state this many steps on along its "
                              "trajectory (default: k, the candidate itself)")
+    parser.add_argument("--stall_steps", type=positive_int, default=d.stall_steps,
+                        help="subgoal_source 'switch': an episode has stalled when it moved less than --stall_radius "
+                             "over this many steps")
+    parser.add_argument("--stall_radius", type=positive_float, default=d.stall_radius,
+                        help="subgoal_source 'switch': the stall distance, in x-y units of the maze")
     parser.add_argument("--critic_steps", type=non_negative_int, default=d.critic_steps,
                         help="extra critic/value steps on single-observation latents per update")
     parser.add_argument("--critic_batch", choices=list(CRITIC_BATCHES), default=d.critic_batch,

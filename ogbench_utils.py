@@ -146,9 +146,10 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
 
 
 def set_run_subgoal_data(agent, run_config, dataset=None, dataset_dir=None, max_trajectories=None):
-    """An agent acting with subgoal_source 'data' gets the training set of its run (run_config: the trainer's
-    flags, as in the checkpoint or config.json); the arguments given override the run's. Other agents: no-op."""
-    if agent.config.subgoal_source != "data":
+    """An agent acting with the data's states (subgoal_source 'data' or 'switch') gets the training set of its run
+    (run_config: the trainer's flags, as in the checkpoint or config.json); the arguments given override the
+    run's. Other agents: no-op."""
+    if not agent.acts_with_data:
         return
     train, _ = load_datasets(dataset or run_config["dataset"],
                              dataset_dir or run_config.get("dataset_dir", DEFAULT_DATASET_DIR),
@@ -568,15 +569,17 @@ def build_parser():
     ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--candidate_noise", type=float, default=None, help="override the checkpoint's value")
-    ev.add_argument("--subgoal_source", choices=["proposer", "data"], default=None,
-                    help="override the checkpoint's value ('data' loads the dataset from --dataset_dir)")
+    ev.add_argument("--subgoal_source", choices=["proposer", "data", "switch"], default=None,
+                    help="override the checkpoint's value ('data' and 'switch' load the dataset from --dataset_dir)")
     ev.add_argument("--data_neighbors", type=positive_int, default=None, help="override the checkpoint's value")
     ev.add_argument("--data_stride", type=positive_int, default=None, help="override the checkpoint's value")
     ev.add_argument("--data_lookahead", type=positive_int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--stall_steps", type=positive_int, default=None, help="override the checkpoint's value")
+    ev.add_argument("--stall_radius", type=float, default=None, help="override the checkpoint's value")
     ev.add_argument("--dataset_dir", default=None,
-                    help="dataset folder for subgoal_source 'data' (default: the training run's)")
+                    help="dataset folder for subgoal_source 'data'/'switch' (default: the training run's)")
     ev.add_argument("--max_trajectories", type=positive_int, default=None,
-                    help="the first N trajectories, for subgoal_source 'data' (default: the training run's)")
+                    help="the first N trajectories, for subgoal_source 'data'/'switch' (default: the training run's)")
     return parser
 
 
@@ -590,7 +593,7 @@ def main(argv=None):
 
 
 ACTING_OVERRIDES = ("num_noisy_candidates", "num_interpolations", "candidate_noise", "subgoal_source",
-                    "data_neighbors", "data_stride", "data_lookahead")
+                    "data_neighbors", "data_stride", "data_lookahead", "stall_steps", "stall_radius")
 
 
 def evaluate_checkpoint(args):

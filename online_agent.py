@@ -62,7 +62,7 @@ class ExploringActor(RecurrentActor):
         observations = self.observation_tensor(observations)
         z = self.latent(observations)
         origin = self.agent.subgoal_origin(z, observations)
-        greedy = None if self.table is None else self.table.subgoals(observations)
+        greedy = self.agent.choose_subgoal(z, self.z_goal, observations, self.table)
         z_next, explored = self.agent.explore_subgoal(z, self.z_goal, self.epsilon, origin, greedy=greedy)
         self.explored_steps += int(explored.sum())
         action = self.agent.inverse_action(z, observations, z_next, self.z_goal)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from offline_agent import (AgentConfig, DataSubgoals, OfflineAgent, advantage_weights, at_positions, expectile_loss,
-                           info_nce_loss)
+from offline_agent import (AgentConfig, DataSubgoals, OfflineAgent, StallSwitch, advantage_weights, at_positions,
+                           expectile_loss, info_nce_loss)
 from ogbench_utils import Trajectories, WindowSampler
 from utils import UserError, load_checkpoint, save_checkpoint
 
@@ -364,9 +364,10 @@ def test_data_subgoal_is_the_successor_of_a_nearest_state_with_the_best_value_ah
 
 
 @pytest.mark.parametrize("mode", ["recurrent", "window"])
-def test_data_subgoal_actors_act_in_range_and_drop_finished_episodes(mode):
+@pytest.mark.parametrize("source", ["data", "switch"])
+def test_data_subgoal_actors_act_in_range_and_drop_finished_episodes(mode, source):
     data, _ = small_batch()
-    agent = normalized_agent(data, subgoal_source="data", data_neighbors=5)
+    agent = normalized_agent(data, subgoal_source=source, data_neighbors=5)
     agent.set_subgoal_data(data)
     goals = data.observations[[10, 60, 110]]
     actor = agent.make_actor(goals, mode=mode)
@@ -380,21 +381,64 @@ def test_data_subgoal_actors_act_in_range_and_drop_finished_episodes(mode):
                                agent.act(window, goals[:2], agent.subgoal_table(agent.latents(window, goals[:2])[1])))
 
 
-def test_data_subgoals_without_a_dataset_fail_with_a_clear_message():
-    agent = small_agent(subgoal_source="data")
+@pytest.mark.parametrize("source", ["data", "switch"])
+def test_data_subgoals_without_a_dataset_fail_with_a_clear_message(source):
+    agent = small_agent(subgoal_source=source)
     with pytest.raises(UserError, match="set_subgoal_data"):
         agent.make_actor(np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError, match="subgoal_source"):
         small_agent(subgoal_source="dataset")
+    with pytest.raises(ValueError, match="stall_radius"):
+        small_agent(subgoal_source="switch", stall_radius=0.0)
+
+
+def test_stall_switch_swaps_an_episode_each_time_it_rests_and_never_one_that_moves():
+    switch = StallSwitch(3, steps=4, radius=0.5)
+    still = torch.tensor([[1.0, 1.0, 9.0]])             # x-y at rest; the third dimension is not the position
+    sources = []
+    for t in range(16):
+        moving = torch.tensor([[0.3 * t, 0.0, 0.0]])    # 1.2 units per 4 steps: never stalled
+        creeping = torch.tensor([[0.1 * t, 0.0, 0.0]])  # 0.4 units per 4 steps: stalled
+        sources.append(switch.on_data(torch.cat([still, moving, creeping])).tolist())
+    sources = np.array(sources)
+    assert sources[:, 1].all()
+    # a rest is seen once `steps` positions are behind the episode; after a swap it waits `steps` steps again
+    expected = [True] * 4 + [False] * 5 + [True] * 5 + [False] * 2
+    assert sources[:, 0].tolist() == expected and sources[:, 2].tolist() == expected
+    switch.keep(torch.tensor([2, 0]))
+    assert switch.on_data(torch.cat([creeping, still]) + 5.0).tolist() == [False, False]
+
+
+def test_switch_acting_gives_the_data_subgoal_until_a_stall_then_the_policy_search():
+    data, _ = small_batch()
+    agent = normalized_agent(data, subgoal_source="switch", data_neighbors=5, stall_steps=2, stall_radius=0.1,
+                             num_noisy_candidates=0)
+    agent.set_subgoal_data(data)
+    observations = torch.as_tensor(data.observations[[3, 50]])
+    moved = observations.clone()
+    with torch.no_grad():
+        z_goal = agent.encoder.encode_goals(torch.as_tensor(data.observations[[20, 90]]))
+        z = agent.encoder.encode_goals(observations)            # any latent: only the subgoal rule is tested
+        table = agent.subgoal_table(z_goal)
+        data_subgoals = table.subgoals(observations)
+        searched = agent.search_subgoal(z, z_goal, agent.subgoal_origin(z, observations))
+        for t in range(4):                                       # episode 0 rests, episode 1 moves 1 unit per step
+            moved[1] = observations[1] + t
+            chosen = agent.choose_subgoal(z, z_goal, moved, table)
+            torch.testing.assert_close(chosen[0], data_subgoals[0] if t < 2 else searched[0])
+            torch.testing.assert_close(chosen[1], table.subgoals(moved)[1])
+    assert not torch.equal(data_subgoals[0], searched[0])
 
 
 def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
     data, _ = small_batch()
-    agent = normalized_agent(data, subgoal_source="data", data_neighbors=5, data_stride=3)
+    agent = normalized_agent(data, subgoal_source="switch", data_neighbors=5, data_stride=3, stall_steps=7,
+                             stall_radius=0.25)
     agent.set_subgoal_data(data)
     save_checkpoint(agent.state_dict(), tmp_path / "model.pth")
     restored = OfflineAgent.from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
-    assert (restored.config.subgoal_source, restored.config.data_neighbors, restored.config.data_stride) == ("data", 5, 3)
+    assert (restored.config.subgoal_source, restored.config.data_neighbors, restored.config.data_stride,
+            restored.config.stall_steps, restored.config.stall_radius) == ("switch", 5, 3, 7, 0.25)
     restored.set_subgoal_data(data)
     windows, goals = data.observations[None, 30:35].repeat(2, 0), data.observations[[5, 90]]
     np.testing.assert_array_equal(agent.act(windows, goals), restored.act(windows, goals))

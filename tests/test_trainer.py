@@ -171,5 +171,7 @@ def test_a_run_acting_with_data_subgoals_evaluates_and_keeps_the_setting(tiny_da
                 "--max_episode_steps", "60"]
     with_data = ogbench_utils.main(evaluate)   # the run's dataset, found through the checkpoint's run_config
     with_proposer = ogbench_utils.main(evaluate + ["--subgoal_source", "proposer"])
-    assert max(with_data["env_steps"], with_proposer["env_steps"]) <= 5 * 60   # 5 tasks, one episode each
+    with_switch = ogbench_utils.main(evaluate + ["--subgoal_source", "switch", "--stall_steps", "5"])
+    assert max(r["env_steps"] for r in (with_data, with_proposer, with_switch)) <= 5 * 60   # 5 tasks, one episode each
     assert "subgoal_source" not in with_data and with_proposer["subgoal_source"] == "proposer"
+    assert (with_switch["subgoal_source"], with_switch["stall_steps"]) == ("switch", 5)
