@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, exit_on_user_error, non_negative_float, positive_int, read_json, write_json
+from utils import UserError, exit_on_user_error, non_negative_float, positive_float, positive_int, read_json, write_json
 
 DEFAULT_DATASET_DIR = "datasets"
 GENERATED_DATASET_DIR = "datasets/generated"
@@ -575,7 +575,7 @@ def build_parser():
     ev.add_argument("--data_stride", type=positive_int, default=None, help="override the checkpoint's value")
     ev.add_argument("--data_lookahead", type=positive_int, default=None, help="override the checkpoint's value")
     ev.add_argument("--stall_steps", type=positive_int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--stall_radius", type=float, default=None, help="override the checkpoint's value")
+    ev.add_argument("--stall_radius", type=positive_float, default=None, help="override the checkpoint's value")
     ev.add_argument("--dataset_dir", default=None,
                     help="dataset folder for subgoal_source 'data'/'switch' (default: the training run's)")
     ev.add_argument("--max_trajectories", type=positive_int, default=None,
