@@ -545,6 +545,7 @@ def read_provenance(name, dataset_dir):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
+    from offline_agent import SUBGOAL_SOURCES
     parser = argparse.ArgumentParser(description="OGBench datasets for OPSO.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an OGBench-format dataset locally (no internet needed)")
@@ -569,7 +570,7 @@ def build_parser():
     ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
     ev.add_argument("--candidate_noise", type=float, default=None, help="override the checkpoint's value")
-    ev.add_argument("--subgoal_source", choices=["proposer", "data", "switch"], default=None,
+    ev.add_argument("--subgoal_source", choices=list(SUBGOAL_SOURCES), default=None,
                     help="override the checkpoint's value ('data' and 'switch' load the dataset from --dataset_dir)")
     ev.add_argument("--data_neighbors", type=positive_int, default=None, help="override the checkpoint's value")
     ev.add_argument("--data_stride", type=positive_int, default=None, help="override the checkpoint's value")
