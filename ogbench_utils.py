@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import sys
+import tempfile
 import urllib.error
 import zipfile
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ RECIPES = {
     "stitch": dict(episodes=5000, max_steps=201, noise=0.5),
     "explore": dict(episodes=10000, max_steps=501, noise=1.0),
 }
-SMOKE_RECIPE = dict(episodes=20, max_steps=201, noise=0.0)  # ant/humanoid: random actions, tests only
+ANT_NOISE = 0.2             # antmaze navigate/stitch: the expert's action noise (generate_locomaze.py's default)
+SMOKE_RECIPE = dict(episodes=20, max_steps=201, noise=0.0)  # humanoidmaze: random actions, tests only
 STITCH_CELLS = 4             # stitch episodes start this many maze cells (BFS) from their goal
 EXPLORE_DIRECTION_STEPS = 10  # explore re-samples its random direction this often
 
@@ -173,8 +175,17 @@ def _download_or_explain(name, dataset_dir):
                 os.remove(path + ".tmp")
         raise UserError(
             f"dataset {name} is not in {dataset_dir}/ and could not be downloaded ({type(error).__name__}). "
-            f"Generate a local copy with `python ogbench_utils.py generate {name}` and pass "
-            f"--dataset_dir {GENERATED_DATASET_DIR}") from None
+            f"Generate a local copy with `python ogbench_utils.py generate {name}` ({generated_what(name)}) and "
+            f"pass --dataset_dir {GENERATED_DATASET_DIR}") from None
+
+
+def generated_what(name):
+    """What `generate` makes for a dataset, in a few words (never the official file)."""
+    family = name.split("-")[0]
+    if family == "humanoidmaze":
+        return "a tiny random-action SMOKE set for tests, not a benchmark: the humanoid expert is out of reach"
+    steer = "the shipped ant expert steered by the maze's oracle" if family == "antmaze" else "the maze's oracle"
+    return f"OGBench's recipe and sizes with {steer}, not the official file"
 
 
 # ----------------------------------------------------------------------------- windows and goals
@@ -442,85 +453,168 @@ def cells_at_distance(maze_map, start, distance):
     return [cell for cell, d in dist.items() if d == distance]
 
 
-def generate(name, episodes=None, max_steps=None, noise=None, seed=0, dataset_dir=None, progress=True):
-    """Write DIR/<name>.npz, DIR/<name>-val.npz (a tenth as many episodes) and DIR/<name>.json."""
-    check_dataset_name(name)
-    smoke = not name.startswith("pointmaze")
-    recipe = dict(SMOKE_RECIPE if smoke else RECIPES[dataset_kind(name)])
+GENERATION_LANES = 100   # episodes collected side by side: one batched policy call per step
+
+
+class OraclePolicy:
+    """OGBench's data policy for a maze: the unit direction to the oracle's subgoal, followed by the point mass
+    as it is, by the ant through its directional expert (fed the observation without x-y and the direction)."""
+
+    def __init__(self, maze_env, expert=None):
+        self.oracle, self.expert = OracleSubgoals(maze_env), expert
+
+    def directions(self, observations, goal_xys):
+        return np.stack([self.oracle.direction(o[:2], g) for o, g in zip(observations, goal_xys)])
+
+    def __call__(self, observations, directions):
+        if self.expert is None:
+            return directions
+        return self.expert(np.concatenate([np.asarray(observations)[:, 2:], directions], axis=1))
+
+    def make_actor(self, goals, mode=None):
+        """The evaluate() interface: steer towards goal observations (x-y in their first two numbers)."""
+        return OracleActor(self, np.asarray(goals)[:, :2])
+
+
+class OracleActor:
+    def __init__(self, policy, goal_xys):
+        self.policy, self.goal_xys = policy, goal_xys
+
+    def act(self, observations):
+        return self.policy(observations, self.policy.directions(observations, self.goal_xys))
+
+    def keep(self, rows):
+        self.goal_xys = self.goal_xys[rows]
+
+
+def data_policy(name, maze_env, expert_path=None):
+    """The policy a dataset's recipe steers (None for humanoidmaze: its expert is out of reach, SMOKE data)."""
+    family = name.split("-")[0]
+    if family == "humanoidmaze":
+        return None
+    if family == "antmaze":
+        from expert import DEFAULT_EXPERT, load_expert
+        return OraclePolicy(maze_env, load_expert(expert_path or DEFAULT_EXPERT))
+    return OraclePolicy(maze_env)
+
+
+def generation_recipe(name, episodes=None, max_steps=None, noise=None):
+    family, kind = name.split("-")[0], dataset_kind(name)
+    recipe = dict(SMOKE_RECIPE if family == "humanoidmaze" else RECIPES[kind])
+    if family == "antmaze" and kind != "explore":
+        recipe["noise"] = ANT_NOISE
     recipe.update({k: v for k, v in dict(episodes=episodes, max_steps=max_steps, noise=noise).items() if v is not None})
     if recipe["episodes"] < 1 or recipe["max_steps"] < 2 or recipe["noise"] < 0:
         raise UserError(f"need episodes >= 1, max_steps >= 2, noise >= 0; got {recipe}")
+    return recipe
+
+
+def check_writable_output(name, dataset_dir, overwrite):
+    """Before any episode is collected: the folder can be written and no dataset is replaced by accident."""
+    paths = dataset_paths(name, dataset_dir)
+    if os.path.exists(dataset_dir) and not os.path.isdir(dataset_dir):
+        raise UserError(f"--dataset_dir {dataset_dir} is a file, not a folder")
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    try:
+        os.makedirs(dataset_dir, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=dataset_dir, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise UserError(f"cannot write to --dataset_dir {dataset_dir} ({error.strerror or type(error).__name__})") from None
+
+
+def generate(name, episodes=None, max_steps=None, noise=None, seed=0, dataset_dir=None, progress=True,
+             expert_path=None, overwrite=False):
+    """Write DIR/<name>.npz, DIR/<name>-val.npz (a tenth as many episodes) and DIR/<name>.json by OGBench's
+    recipe (data_gen_scripts/generate_locomaze.py), episodes side by side in lanes of GENERATION_LANES."""
+    check_dataset_name(name)
+    recipe = generation_recipe(name, episodes, max_steps, noise)
     dataset_dir = dataset_dir or GENERATED_DATASET_DIR
+    check_writable_output(name, dataset_dir, overwrite)
     np.random.seed(seed)  # the maze environments draw their start and goal noise from numpy's global RNG
-    env = make_env(name, terminate_at_goal=False, max_episode_steps=recipe["max_steps"])
-    env.reset(seed=seed)
-    num_val = max(1, recipe["episodes"] // 10)
-    collect = _collect_smoke_episode if smoke else _collect_pointmaze_episode
-    columns = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
-    train_steps = 0
-    oracle = OracleSubgoals(env.unwrapped)
-    free, vertex = maze_cells(env.unwrapped.maze_map)
-    kind = dataset_kind(name)
-    for episode in tqdm(range(recipe["episodes"] + num_val), desc=f"generate {name}", disable=not progress):
-        steps = collect(env, kind, recipe["noise"], oracle, free, vertex, columns)
-        if episode < recipe["episodes"]:
-            train_steps += steps
-    env.close()
-    _write_generated(name, dataset_dir, columns, train_steps, dict(
-        generator="ogbench_utils.py generate",
-        recipe=("random actions: SMOKE DATA for tests, not a benchmark" if smoke else
-                "OGBench pointmaze recipe: unit direction to env.get_oracle_subgoal + Gaussian noise, clipped"),
-        dataset=name, kind=kind, seed=seed, noise=recipe["noise"], episodes=recipe["episodes"],
-        val_episodes=num_val, max_steps=recipe["max_steps"], smoke=smoke,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    total = recipe["episodes"] + max(1, recipe["episodes"] // 10)
+    envs = [make_env(name, terminate_at_goal=False, max_episode_steps=recipe["max_steps"])
+            for _ in range(min(GENERATION_LANES, total))]
+    for lane, env in enumerate(envs):
+        env.reset(seed=seed + lane)
+        env.action_space.seed(seed + lane)
+    policy = data_policy(name, envs[0].unwrapped, expert_path)
+    episodes_out = []
+    with tqdm(total=total, desc=f"generate {name}", disable=not progress) as bar:
+        while len(episodes_out) < total:
+            lanes = envs[:min(len(envs), total - len(episodes_out))]
+            episodes_out += _collect_episodes(lanes, dataset_kind(name), recipe["noise"], policy)
+            bar.update(len(lanes))
+    for env in envs:
+        env.close()
+    columns = {k: np.concatenate([e[k] for e in episodes_out]) for k in episodes_out[0]}
+    train_steps = sum(len(e["terminals"]) for e in episodes_out[:recipe["episodes"]])
+    provenance = dict(generator="ogbench_utils.py generate", recipe=recipe_text(name, policy), dataset=name,
+                      kind=dataset_kind(name), seed=seed, noise=recipe["noise"], episodes=recipe["episodes"],
+                      val_episodes=total - recipe["episodes"], max_steps=recipe["max_steps"], smoke=policy is None,
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if policy is not None and policy.expert is not None:
+        provenance.update(expert=os.path.relpath(policy.expert.path), expert_sha256=policy.expert.sha256())
+    _write_generated(name, dataset_dir, columns, train_steps, provenance)
     return dataset_paths(name, dataset_dir)
 
 
-def _collect_pointmaze_episode(env, kind, noise, oracle, free, vertex, columns):
-    maze = env.unwrapped
+def recipe_text(name, policy):
+    if policy is None:
+        return "random actions: SMOKE DATA for tests, not a benchmark (the humanoid expert needs 40M SAC steps)"
+    steer = "the directional ant expert (expert.py) fed ob[2:] and" if policy.expert is not None else ""
+    return (f"OGBench {name.split('-')[0]} recipe: {steer} the unit direction to env.get_oracle_subgoal, "
+            "plus Gaussian action noise, clipped").replace("  ", " ")
+
+
+def _start_episode(env, kind, free, vertex):
     init = free[np.random.randint(len(free))]
     if kind == "stitch":
-        near = cells_at_distance(maze.maze_map, init, STITCH_CELLS)
+        near = cells_at_distance(env.unwrapped.maze_map, init, STITCH_CELLS)
         goal = near[np.random.randint(len(near))] if near else init
     else:
         goal = vertex[np.random.randint(len(vertex))]
     ob, _ = env.reset(options=dict(task_info=dict(init_ij=init, goal_ij=goal)))
-    direction, step, done = None, 0, False
-    while not done:
-        if kind == "explore":
-            if step % EXPLORE_DIRECTION_STEPS == 0:
-                direction = np.random.randn(2)
-                direction /= np.linalg.norm(direction) + 1e-6
+    return ob
+
+
+def _collect_episodes(envs, kind, noise, policy):
+    """One episode per env, stepped together; each a dict of arrays in OGBench's dataset columns."""
+    maze = envs[0].unwrapped
+    free, vertex = maze_cells(maze.maze_map)
+    observations = np.stack([_start_episode(env, kind, free, vertex) for env in envs])
+    columns = [{k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")} for _ in envs]
+    active, step, explore_directions = list(range(len(envs))), 0, None
+    while active:
+        if policy is None:
+            actions = np.stack([envs[i].action_space.sample() for i in active])
         else:
-            direction = oracle.direction(maze.get_xy(), maze.cur_goal_xy)
-        action = np.clip(direction + np.random.normal(0, noise, 2), -1, 1)
-        next_ob, _, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-        if info["success"] and kind == "navigate":  # navigate: a new goal whenever one is reached
-            maze.set_goal(vertex[np.random.randint(len(vertex))])
-        _append_step(columns, ob, action, done, info)
-        ob, step = next_ob, step + 1
-    return step
-
-
-def _collect_smoke_episode(env, kind, noise, oracle, free, vertex, columns):
-    ob, _ = env.reset()
-    step, done = 0, False
-    while not done:
-        action = env.action_space.sample()
-        next_ob, _, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-        _append_step(columns, ob, action, done, info)
-        ob, step = next_ob, step + 1
-    return step
-
-
-def _append_step(columns, ob, action, done, info):
-    columns["observations"].append(ob)
-    columns["actions"].append(action)
-    columns["terminals"].append(done)
-    columns["qpos"].append(info["prev_qpos"])
-    columns["qvel"].append(info["prev_qvel"])
+            if kind == "explore":
+                if step % EXPLORE_DIRECTION_STEPS == 0:
+                    explore_directions = np.random.randn(len(envs), 2)
+                    explore_directions /= np.linalg.norm(explore_directions, axis=1, keepdims=True) + 1e-6
+                directions = explore_directions[active]
+            else:
+                goal_xys = [envs[i].unwrapped.cur_goal_xy for i in active]
+                directions = policy.directions(observations[active], goal_xys)
+            actions = policy(observations[active], directions)
+            actions = np.clip(actions + np.random.normal(0, noise, actions.shape), -1, 1)
+        still_active = []
+        for i, action in zip(active, actions):
+            next_ob, _, terminated, truncated, info = envs[i].step(action)
+            done = terminated or truncated
+            if info["success"] and kind == "navigate":  # navigate: a new goal whenever one is reached
+                envs[i].unwrapped.set_goal(vertex[np.random.randint(len(vertex))])
+            for key, value in (("observations", observations[i]), ("actions", action), ("terminals", done),
+                               ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
+                columns[i][key].append(np.copy(value))
+            observations[i] = next_ob
+            if not done:
+                still_active.append(i)
+        active, step = still_active, step + 1
+    return [{k: np.asarray(v) for k, v in c.items()} for c in columns]
 
 
 def _write_generated(name, dataset_dir, columns, train_steps, provenance):
@@ -558,6 +652,15 @@ def build_parser():
                      help="std of the Gaussian action noise (default: 0.5; 1.0 for explore)")
     gen.add_argument("--seed", type=int, default=0, help="random seed")
     gen.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR, help="output folder")
+    gen.add_argument("--expert", default=None,
+                     help="antmaze: the directional ant expert's weights (default: the shipped experts/ant_expert.pth)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    orc = commands.add_parser("oracle", help="success of a dataset recipe's oracle-steered policy on the 5 tasks "
+                                             "(pointmaze: the oracle itself; antmaze: the expert; no noise)")
+    orc.add_argument("dataset", help="dataset whose environment and recipe to use")
+    orc.add_argument("--eval_episodes", type=positive_int, default=20, help="episodes per task")
+    orc.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    orc.add_argument("--expert", default=None, help="antmaze: expert weights (default: the shipped one)")
     ev = commands.add_parser("evaluate", help="greedy OGBench evaluation (5 tasks) of a saved checkpoint")
     ev.add_argument("checkpoint", help="an OPSO checkpoint (best_model.pth, last_model.pth, ...)")
     ev.add_argument("--dataset", required=True, help="dataset whose environment to evaluate in")
@@ -588,9 +691,28 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
         return evaluate_checkpoint(args)
-    paths = generate(args.dataset, args.episodes, args.max_steps, args.noise, args.seed, args.dataset_dir)
+    if args.command == "oracle":
+        return evaluate_oracle(args)
+    paths = generate(args.dataset, args.episodes, args.max_steps, args.noise, args.seed, args.dataset_dir,
+                     expert_path=args.expert, overwrite=args.overwrite)
     print(f"wrote {paths[0]}, {paths[1]} and {paths[0][:-4]}.json")
     print(f"train with: python offline_trainer.py --dataset {args.dataset} --dataset_dir {args.dataset_dir}")
+
+
+def evaluate_oracle(args):
+    """The ceiling a dataset's recipe sets: its oracle-steered data policy, greedy, on the evaluation tasks."""
+    import json
+    check_dataset_name(args.dataset)
+    env = make_env(args.dataset)
+    policy = data_policy(args.dataset, env.unwrapped, args.expert)
+    env.close()
+    if policy is None:
+        raise UserError(f"{args.dataset} has no data policy here (SMOKE data only)")
+    result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed)
+    result.update(policy="oracle" + ("+expert" if policy.expert is not None else ""), dataset=args.dataset,
+                  eval_episodes=args.eval_episodes)
+    print(json.dumps(result, sort_keys=True))
+    return result
 
 
 ACTING_OVERRIDES = ("num_noisy_candidates", "num_interpolations", "candidate_noise", "subgoal_source",

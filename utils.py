@@ -126,16 +126,16 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load an OPSO checkpoint without executing code (weights_only) and check that it is one."""
+def load_checkpoint(path, map_location="cpu", expected_format=CHECKPOINT_FORMAT, kind="OPSO checkpoint"):
+    """Load a checkpoint without executing code (weights_only) and check that it is of the expected format."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{kind} {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle, zip and torch errors all mean: not a readable checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not an OPSO checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != expected_format:
+        raise UserError(f"{path} is not an {kind}" if kind[0].lower() in "aeiou" else f"{path} is not a {kind}")
     return checkpoint
 
 

@@ -209,12 +209,3 @@ def test_generator_command_rejects_bad_flags(capsys):
         ogbench_utils.main(["generate", TINY_DATASET, "--episodes", "0"])
     assert exit_info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
-
-
-def test_ant_smoke_dataset_has_the_real_sizes_and_says_it_is_smoke(tmp_path):
-    generate("antmaze-medium-navigate-v0", episodes=2, max_steps=15, seed=0, dataset_dir=str(tmp_path), progress=False)
-    train, val = load_datasets("antmaze-medium-navigate-v0", str(tmp_path))
-    assert train.observations.shape == (30, 29) and train.actions.shape == (30, 8)
-    assert val.num_trajectories == 1
-    provenance = json.load(open(tmp_path / "antmaze-medium-navigate-v0.json"))
-    assert provenance["smoke"] is True and "SMOKE" in provenance["recipe"]
