@@ -1,92 +1,113 @@
-"""The offline OPSO agent: losses, one update on a batch of windows, and acting by policy search.
+"""The offline OPSO agent: its config, one method per loss, one `update`, and acting (`Actor`).
 
-Losses (SPEC.md, "Offline training"): a k-step critic Q(z_t, z', z_g), z' the subgoal k steps ahead, with
-clipped double Q and EMA targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023),
-an expectile value V(z_t, z_g) (IQL, Kostrikov et al., 2021), InfoNCE between a state and a future state
-of its trajectory (CRL, Eysenbach et al., 2022), state and reward/done predictors, inverse dynamics and an
-advantage-weighted subgoal proposer (AWR, Peng et al., 2019); the inverse dynamics' own weights have
-their own temperature (`inverse_beta`, 0 by default: measured, see BENCHMARKS.md).
-Acting: a subgoal z', and the action I(z, z', z_g). With subgoal_source='proposer', SPEC's policy search:
-candidates z' (the proposer, noisy copies, goal-biased interpolations z + alpha (z_g - z)), the one with the
-largest Q wins; with subgoal_source='data' (`SubgoalTable`), a real dataset state k steps on from one of the
-dataset states nearest to the agent, the one with the largest V(z', z_g); by default (subgoal_source='switch')
-the data's subgoal until the agent stalls, then the policy search's until it stalls again, and so on
-(`StallSwitch`; measured, see BENCHMARKS.md).
+Losses (SPEC.md, "Offline training"), each in its own method returning (loss, info):
+  critic    k-step Q(z_t, z', z_g) toward the k-step return + gamma^k V_target(z_{t+k}, z_g), twin Q's with EMA
+            targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023)
+  value     expectile V(z_t, z_g) toward min Q_target (IQL, Kostrikov et al., 2021)
+  infonce   z_t against the encoding of a future state of its trajectory (CRL, Eysenbach et al., 2022)
+  state, reward    the auxiliary predictors
+  inverse   I(z_t, z'', z_g) -> a_t, z'' a state d ~ U{1..k} steps ahead, unweighted by default (inverse_beta 0)
+  proposer  P(z_t, z_g) -> z', weighted by exp(beta A) with HIQL's k-step advantage (AWR, Peng et al., 2019)
+`update` takes one gradient step on all of them, then `critic_steps` cheaper critic and value steps on
+single-observation latents. Acting (`Actor`): a subgoal z' by the config's rule, then the action I(z, z', z_g):
+  proposer  SPEC's policy search: the proposal P(z, z_g), noisy copies, goal-biased interpolations; argmax Q
+  data      a real dataset state k steps on from one of the dataset states nearest to o_t, the one with the
+            largest V(z', z_g) (`SubgoalTable`)
+  switch    (default) `data` until the agent stalls, then `proposer` until it stalls again (`StallSwitch`)
+The measurements behind each default are in BENCHMARKS.md.
 """
 import copy
 import math
-from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
-from utils import CHECKPOINT_FORMAT, UserError
+from model import MAMBA_BACKENDS, EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
+from utils import (CHECKPOINT_FORMAT, UserError, flag, non_negative_float, non_negative_int, positive_float,
+                   positive_int, unit_float)
 
 MAX_ADVANTAGE_WEIGHT = 100.0   # AWR weights exp(beta * A) are clipped here (OGBench's choice)
 GRAD_CLIP_NORM = 10.0
 INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
 INFONCE_TEMPERATURE = 0.1
+SUBGOAL_SOURCES = ("proposer", "data", "switch")
 
 
 @dataclass
 class AgentConfig:
+    """Everything that defines an agent; each field with a help text is a flag of the trainers (and, in the
+    'acting' group, of `offline_trainer.py evaluate`)."""
     obs_dim: int
     action_dim: int
-    latent_dim: int = 64
-    d_model: int = 128
-    n_layers: int = 2
-    hidden_dim: int = 256
-    context_length: int = 100
-    subgoal_steps: int = 25
-    discount: float = 0.99
-    expectile: float = 0.9
-    beta: float = 3.0
-    inverse_beta: Optional[float] = 0.0
-    lr: float = 3e-4
-    tau: float = 0.02
-    infonce_coef: float = 0.1
-    state_coef: float = 1.0
-    reward_coef: float = 1.0
-    proposer_coef: float = 1.0
-    num_noisy_candidates: int = 8
-    candidate_noise: float = 0.1
-    num_interpolations: int = 0
-    hindsight_bound: bool = False
-    subgoal_latent: str = "goal"
-    advantage: str = "kstep"
-    inverse_state: str = "history"
-    inverse_subgoal: str = "uniform"
-    critic_steps: int = 1
-    critic_step_proposer: bool = False
-    critic_batch: str = "windows"
-    subgoal_source: str = "switch"
-    data_neighbors: int = 4096
-    data_stride: int = 5
-    data_lookahead: Optional[int] = None
-    stall_steps: int = 50
-    stall_radius: float = 1.0
-    mamba_backend: str = "auto"
+    # model
+    context_length: int = flag(100, "observations per window (encoder context L)", positive_int, group="model")
+    d_model: int = flag(128, "Mamba width", positive_int, group="model")
+    n_layers: int = flag(2, "Mamba blocks", positive_int, group="model")
+    latent_dim: int = flag(64, "size of the latent z", positive_int, group="model")
+    hidden_dim: int = flag(256, "width of every head MLP", positive_int, group="model")
+    mamba_backend: str = flag("auto", "auto: mamba_ssm on CUDA when installed, else the PyTorch twin",
+                              choices=list(MAMBA_BACKENDS), group="model")
+    # training
+    subgoal_steps: int = flag(25, "k: the subgoal z' is the state k steps ahead (README: why 25)", positive_int,
+                              group="training")
+    lr: float = flag(3e-4, "Adam learning rate", positive_float, group="training")
+    discount: float = flag(0.99, "discount gamma", unit_float, group="training")
+    expectile: float = flag(0.9, "expectile of the value loss", unit_float, group="training")
+    beta: float = flag(3.0, "inverse temperature of the proposer's advantage weights", non_negative_float,
+                       group="training")
+    inverse_beta: float = flag(0.0, "inverse temperature of the inverse dynamics' weights (0: unweighted)",
+                               non_negative_float, group="training")
+    tau: float = flag(0.02, "EMA rate of the target critics", unit_float, group="training")
+    infonce_coef: float = flag(0.1, "weight of the InfoNCE loss", non_negative_float, group="training")
+    state_coef: float = flag(1.0, "weight of the state-prediction loss", non_negative_float, group="training")
+    reward_coef: float = flag(1.0, "weight of the reward/done loss", non_negative_float, group="training")
+    proposer_coef: float = flag(1.0, "weight of the proposer loss", non_negative_float, group="training")
+    critic_steps: int = flag(1, "extra critic/value steps per update on single-observation latents E([o_t])",
+                             non_negative_int, group="training")
+    # acting
+    subgoal_source: str = flag("switch", "acting: the policy search over the proposal ('proposer'), the best real "
+                                         "dataset state by V near the agent ('data'), or 'data' until the agent "
+                                         "stalls, then 'proposer' until it stalls again ('switch')",
+                               choices=list(SUBGOAL_SOURCES), group="acting")
+    num_noisy_candidates: int = flag(8, "policy search: noisy copies of the proposed subgoal", non_negative_int,
+                                     group="acting")
+    candidate_noise: float = flag(0.1, "policy search: noise of those copies, relative to the proposal's step",
+                                  non_negative_float, group="acting")
+    num_interpolations: int = flag(0, "policy search: goal-biased interpolations s + alpha (z_g - s) (SPEC's; "
+                                      "0 by default: measured worse)", non_negative_int, group="acting")
+    data_neighbors: int = flag(4096, "data/switch: nearest dataset states whose successors are the candidates",
+                               positive_int, group="acting")
+    data_stride: int = flag(5, "data/switch: keep every N-th dataset state as a candidate", positive_int,
+                            group="acting")
+    stall_steps: int = flag(50, "switch: an episode has stalled when it moved less than --stall_radius over this "
+                                "many steps", positive_int, group="acting")
+    stall_radius: float = flag(1.0, "switch: the stall distance, in x-y units of the maze", positive_float,
+                               group="acting")
+
+    def __post_init__(self):
+        if self.subgoal_source not in SUBGOAL_SOURCES:
+            raise ValueError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {self.subgoal_source!r}")
+        if self.stall_steps < 1 or not self.stall_radius > 0:
+            raise ValueError(f"stall_steps must be >= 1 and stall_radius > 0, got {self.stall_steps} and "
+                             f"{self.stall_radius}")
+
+    @property
+    def acts_with_data(self):
+        """Whether acting needs the dataset's states (subgoal_source 'data' or 'switch')."""
+        return self.subgoal_source in ("data", "switch")
 
 
 class Latents(NamedTuple):
-    z: torch.Tensor             # z_t, the encoder's output over the window
-    z_next: torch.Tensor        # z', the subgoal k steps ahead, as Q, I, the reward head and P see it
-    z_future: torch.Tensor      # z_{t+k} as a history latent, for the value bootstrap V(z_{t+k}, z_g)
-    z_value_goal: torch.Tensor
-    z_actor_goal: torch.Tensor
-    z_state: torch.Tensor       # the inverse dynamics' state input: z_t, or E([o_t]) (inverse_state='observation')
-    z_inverse_next: torch.Tensor  # the inverse dynamics' subgoal: z', or the one d ~ U{1..k} steps ahead ('uniform')
-
-
-SUBGOAL_LATENTS = ("goal", "history")
-ADVANTAGES = ("q", "kstep")
-INVERSE_STATES = ("history", "observation")
-INVERSE_SUBGOALS = ("k", "uniform")
-CRITIC_BATCHES = ("windows", "transitions")
-SUBGOAL_SOURCES = ("proposer", "data", "switch")
+    """The latents of a batch, named as the losses read them (`OfflineAgent.encode_windows`)."""
+    z: torch.Tensor                  # z_t: the encoder over the window (for a critic step: E([o_t]))
+    z_future: torch.Tensor           # z_{t+k} as the value bootstrap V(z_{t+k}, z_g) reads it
+    z_subgoal: torch.Tensor          # z' = E([o_{t+k}]): the subgoal that Q, the reward head and P see
+    z_inverse_subgoal: torch.Tensor  # E([o_{t+d}]), d ~ U{1..k}: the inverse dynamics' subgoal
+    z_value_goal: torch.Tensor       # E([g]) of the value goals (OGBench's relabelling)
+    z_actor_goal: torch.Tensor       # E([g]) of the actor goals (same-trajectory future)
 
 
 def expectile_loss(diff, expectile):
@@ -116,7 +137,11 @@ def at_positions(sequences, offsets):
     return torch.gather(sequences, 1, offsets.unsqueeze(-1).expand(-1, -1, sequences.shape[-1]))
 
 
-def valid_rows(batch):
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def rows_with_a_subgoal(batch):
     """The positions of a batch of windows that have a subgoal k steps ahead (future_valid), flattened:
     every per-position entry (N, ...) and the observation k steps ahead, o_{t+k} (N, obs_dim)."""
     mask = batch["future_valid"]
@@ -125,35 +150,18 @@ def valid_rows(batch):
     return rows, batch["observations"][b, batch["future_offset"][b, t]]
 
 
-def masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+def floats(info):
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in info.items()}
 
 
 class OfflineAgent:
-    """Encoder + heads + EMA target critics + one Adam optimiser."""
+    """Encoder + heads + EMA target critics + one Adam optimiser; `update(batch)` and `make_actor(goals)`."""
 
     def __init__(self, config: AgentConfig, device="cpu"):
-        if config.subgoal_latent not in SUBGOAL_LATENTS:
-            raise ValueError(f"subgoal_latent must be one of {SUBGOAL_LATENTS}, got {config.subgoal_latent!r}")
-        if config.inverse_state not in INVERSE_STATES:
-            raise ValueError(f"inverse_state must be one of {INVERSE_STATES}, got {config.inverse_state!r}")
-        if config.inverse_subgoal not in INVERSE_SUBGOALS:
-            raise ValueError(f"inverse_subgoal must be one of {INVERSE_SUBGOALS}, got {config.inverse_subgoal!r}")
-        if config.critic_batch not in CRITIC_BATCHES:
-            raise ValueError(f"critic_batch must be one of {CRITIC_BATCHES}, got {config.critic_batch!r}")
-        if config.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {config.advantage!r}")
-        if config.subgoal_source not in SUBGOAL_SOURCES:
-            raise ValueError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {config.subgoal_source!r}")
-        if min(config.data_neighbors, config.data_stride, 1 if config.data_lookahead is None else config.data_lookahead) < 1:
-            raise ValueError(f"data_neighbors, data_stride and data_lookahead must be >= 1, got {config.data_neighbors}, "
-                             f"{config.data_stride} and {config.data_lookahead}")
-        if config.stall_steps < 1 or not config.stall_radius > 0:
-            raise ValueError(f"stall_steps must be >= 1 and stall_radius > 0, got {config.stall_steps} and "
-                             f"{config.stall_radius}")
         self.config = config
         self.device = torch.device(device)
-        self.encoder = MambaEncoder(self.encoder_config(), backend=config.mamba_backend).to(self.device)
+        self.encoder = MambaEncoder(EncoderConfig(config.obs_dim, config.latent_dim, config.d_model, config.n_layers),
+                                    backend=config.mamba_backend).to(self.device)
         self.heads = OPSOHeads(HeadsConfig(config.latent_dim, config.obs_dim, config.action_dim,
                                            config.hidden_dim)).to(self.device)
         self.targets = torch.nn.ModuleDict(dict(q1=copy.deepcopy(self.heads.q1), q2=copy.deepcopy(self.heads.q2),
@@ -161,10 +169,6 @@ class OfflineAgent:
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
         self.step = 0
         self.subgoal_data = None
-
-    def encoder_config(self):
-        c = self.config
-        return EncoderConfig(c.obs_dim, c.latent_dim, c.d_model, c.n_layers)
 
     @property
     def context_length(self):
@@ -178,210 +182,165 @@ class OfflineAgent:
         observations = np.asarray(observations)
         self.encoder.set_normalization(observations.mean(0), observations.std(0))
 
-    @property
-    def acts_with_data(self):
-        """Whether acting needs the dataset's states (subgoal_source 'data' or 'switch')."""
-        return self.config.subgoal_source in ("data", "switch")
-
     def set_subgoal_data(self, dataset):
         """The dataset whose real states subgoal_source 'data' and 'switch' act with (not saved in checkpoints: the
-        trainers and `ogbench_utils.py evaluate` set it from the dataset they load)."""
+        trainers and `offline_trainer.py evaluate` set it from the dataset they load)."""
         c = self.config
-        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, c.data_lookahead,
-                                                      self.device)
+        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, self.device)
 
     # ------------------------------------------------------------------ latents
 
-    def encode_batch(self, batch):
-        """Latents of a batch: z_t (B, W, Z) from the window, the subgoal z', the future state z_{t+k}, goals.
+    def encode_windows(self, batch):
+        """Latents of a batch of windows (B, W, ...).
 
-        With subgoal_latent='goal', z' = E([o_{t+k}]) is encoded like a goal: it holds only the state k steps
-        ahead, so the proposer, the critic and the inverse dynamics see at acting time the kind of z' they
-        were trained on, and I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside z_{t+k}. The
-        value bootstrap V(z_{t+k}, z_g) keeps the history latent either way (V is trained on history latents).
+        The subgoals are encoded like goals, E([o_{t+k}]): they hold only the state k steps ahead, so the proposer,
+        the critic and the inverse dynamics see at acting time the kind of z' they were trained on, and
+        I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside a window latent. The value bootstrap
+        V(z_{t+k}, z_g) reads the window's latent (V is trained on window latents).
         """
-        c, observations = self.config, batch["observations"]
-        z = self.encoder(observations)                                            # (B, W, Z)
-        z_future = at_positions(z, batch["future_offset"])                       # z_{t+k}, history latent
-        goals = [batch["value_goals"], batch["actor_goals"]]
-        encode_observations = c.subgoal_latent == "goal" or c.inverse_state == "observation"
-        if encode_observations:   # E([o_t]) at every window position, read at the subgoal offsets below
-            goals.append(observations)
-        encoded = self.encoder.encode_goals(torch.stack(goals))
-        z_observation = encoded[2] if encode_observations else None
-        subgoal_source = z_observation if c.subgoal_latent == "goal" else z
-        z_next = at_positions(subgoal_source, batch["future_offset"])
-        z_inverse_next = (at_positions(subgoal_source, batch["inverse_offset"]) if c.inverse_subgoal == "uniform"
-                          else z_next)
-        z_state = z_observation if c.inverse_state == "observation" else z
-        return Latents(z, z_next, z_future, encoded[0], encoded[1], z_state, z_inverse_next)
+        observations = batch["observations"]
+        z = self.encoder(observations)
+        single = self.encoder.encode_goals(torch.stack([batch["value_goals"], batch["actor_goals"], observations]))
+        z_value_goal, z_actor_goal, z_single = single[0], single[1], single[2]
+        return Latents(z=z, z_future=at_positions(z, batch["future_offset"]),
+                       z_subgoal=at_positions(z_single, batch["future_offset"]),
+                       z_inverse_subgoal=at_positions(z_single, batch["inverse_offset"]),
+                       z_value_goal=z_value_goal, z_actor_goal=z_actor_goal)
+
+    def encode_single_observations(self, rows, future_observations):
+        """Latents of a critic step: z_t = E([o_t]) and z_{t+k} = E([o_{t+k}]), which is also its subgoal."""
+        single = self.encoder.encode_goals(torch.stack([rows["observations"], future_observations, rows["value_goals"]]))
+        z, z_ahead, z_goal = single[0], single[1], single[2]
+        return Latents(z=z, z_future=z_ahead, z_subgoal=z_ahead, z_inverse_subgoal=None, z_value_goal=z_goal,
+                       z_actor_goal=None)
 
     # ------------------------------------------------------------------ losses
 
-    def critic_loss(self, z, z_next, z_future, z_goal, batch, valid):
+    def critic_loss(self, lat, batch, valid):
         with torch.no_grad():
-            next_v = self.targets["value"](z_future, z_goal)
+            next_v = self.targets["value"](lat.z_future, lat.z_value_goal)
             q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
-            if self.config.hindsight_bound:
-                # the data's path to a same-trajectory goal is a return the agent can achieve, so the target
-                # never goes below it: long distances are known at once instead of after many backups
-                q_target = torch.maximum(q_target, batch["hindsight_returns"])
-        q1, q2 = self.heads.q_values(z, z_next, z_goal)
+        q1, q2 = self.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
         loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
         return loss, {"critic/loss": loss, "critic/q_mean": masked_mean(q1, valid),
                       "critic/q_min": q1[valid > 0].min(), "critic/q_max": q1[valid > 0].max(),
                       "critic/target_mean": masked_mean(q_target, valid)}
 
-    def value_loss(self, z, z_next, z_goal, valid):
+    def value_loss(self, lat, valid):
+        z, z_subgoal, z_goal = lat.z, lat.z_subgoal.detach(), lat.z_value_goal
         with torch.no_grad():
-            q_target = torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal))
+            q_target = torch.minimum(self.targets["q1"](z, z_subgoal, z_goal), self.targets["q2"](z, z_subgoal, z_goal))
         v = self.heads.value(z, z_goal)
         loss = masked_mean(expectile_loss(q_target - v, self.config.expectile), valid)
         return loss, {"value/loss": loss, "value/v_mean": masked_mean(v, valid),
                       "value/v_min": v[valid > 0].min(), "value/v_max": v[valid > 0].max()}
 
-    def infonce_loss(self, z, z_actor_goal, step_valid):
-        flat_z, flat_g = z.reshape(-1, z.shape[-1]), z_actor_goal.reshape(-1, z.shape[-1])
-        valid_rows = torch.nonzero(step_valid.reshape(-1)).squeeze(1)
-        rows = valid_rows[torch.randperm(len(valid_rows), device=z.device)[:INFONCE_SAMPLES]]
-        loss, accuracy = info_nce_loss(flat_z[rows], flat_g[rows])
+    def infonce_loss(self, lat, step_valid):
+        flat_z, flat_goal = lat.z.reshape(-1, lat.z.shape[-1]), lat.z_actor_goal.reshape(-1, lat.z.shape[-1])
+        valid_positions = torch.nonzero(step_valid.reshape(-1)).squeeze(1)
+        rows = valid_positions[torch.randperm(len(valid_positions), device=lat.z.device)[:INFONCE_SAMPLES]]
+        loss, accuracy = info_nce_loss(flat_z[rows], flat_goal[rows])
         return loss, {"infonce/loss": loss, "infonce/accuracy": accuracy}
 
-    def state_loss(self, z, batch):
+    def state_loss(self, lat, batch):
         obs = self.encoder.normalize(batch["observations"])
-        predicted_delta = self.heads.state(z[:, :-1], batch["actions"][:, :-1])
+        predicted_delta = self.heads.state(lat.z[:, :-1], batch["actions"][:, :-1])
         error = (predicted_delta - (obs[:, 1:] - obs[:, :-1])).square().mean(-1)
         loss = masked_mean(error, batch["next_valid"][:, :-1].float())
         return loss, {"state/loss": loss}
 
-    def reward_loss(self, z, z_next, z_goal, batch, valid):
-        reward_pred, done_logit = self.heads.reward(z, z_next, z_goal).unbind(-1)
+    def reward_loss(self, lat, batch, valid):
+        reward_pred, done_logit = self.heads.reward(lat.z, lat.z_subgoal, lat.z_value_goal).unbind(-1)
         reward_mse = masked_mean((reward_pred - batch["rewards"]).square(), valid)
         done_bce = masked_mean(F.binary_cross_entropy_with_logits(
             done_logit, batch["successes"].float(), reduction="none"), valid)
         loss = reward_mse + done_bce
         return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
 
-    def policy_losses(self, z, z_state, z_next, z_inverse_next, z_future, z_goal, batch, valid):
-        """Inverse dynamics I(z, z', z_g) -> a and proposer P(z, z_g) -> z', both advantage-weighted."""
+    def actor_advantage(self, lat, batch):
+        """HIQL's high-level advantage toward the actor goal: the data's own k-step return plus the discounted
+        V(z_{t+k}, z_g), minus V(z_t, z_g). The environment is deterministic, so the k-step target is Q of the
+        data's z' without the critic's fit error."""
         with torch.no_grad():
-            advantage = self.policy_advantage(z, z_next, z_future, z_goal, batch)
-            weights = advantage_weights(advantage, self.config.beta)
-            inverse_beta = self.config.beta if self.config.inverse_beta is None else self.config.inverse_beta
-            inverse_weights = advantage_weights(advantage, inverse_beta)
-        action = self.heads.action(z_state, z_inverse_next, z_goal)
-        action_error = (action - batch["actions"]).square().sum(-1)
-        inverse = masked_mean(inverse_weights * action_error, valid)
-        proposer = self.proposer_loss(z, z_next, z_goal, weights, valid)
-        info = {"inverse/loss": inverse, "inverse/action_mse": masked_mean(action_error, valid),
-                "inverse/advantage_mean": masked_mean(advantage, valid), "inverse/weight_mean": masked_mean(weights, valid),
-                "proposer/loss": proposer}
-        return inverse, proposer, info
-
-    def proposer_loss(self, z, z_next, z_goal, weights, valid):
-        """AWR for P(z, z_g) -> z': the data's subgoal, weighted by exp(beta A); no gradient into the latents."""
-        proposal = self.heads.proposer(z.detach(), z_goal.detach())
-        return masked_mean(weights * (proposal - z_next.detach()).square().sum(-1), valid)
-
-    def policy_advantage(self, z, z_next, z_future, z_goal, batch):
-        """A(z, z', z_g) = Q - V(z, z_g), Q either the target critics' min ('q') or the data's own k-step
-        return to the goal plus the discounted V(z_{t+k}, z_g) ('kstep', HIQL's high-level advantage): the
-        environment is deterministic, so the k-step target is Q of the data's z' without the critic's fit error.
-        """
-        v = self.heads.value(z, z_goal)
-        if self.config.advantage == "kstep":
-            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(z_future, z_goal)
+            v = self.heads.value(lat.z, lat.z_actor_goal)
+            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(lat.z_future,
+                                                                                                   lat.z_actor_goal)
             return batch["actor_kstep_returns"] + bootstrap - v
-        return torch.minimum(self.targets["q1"](z, z_next, z_goal), self.targets["q2"](z, z_next, z_goal)) - v
+
+    def inverse_loss(self, lat, batch, advantage, valid):
+        """I(z_t, z'', z_g) -> a_t. Unweighted by default: exp(3 A) singles out a few transitions per batch and
+        leaves I imprecise (BENCHMARKS.md)."""
+        with torch.no_grad():
+            weights = advantage_weights(advantage, self.config.inverse_beta)
+        action_error = (self.heads.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal)
+                        - batch["actions"]).square().sum(-1)
+        loss = masked_mean(weights * action_error, valid)
+        return loss, {"inverse/loss": loss, "inverse/action_mse": masked_mean(action_error, valid),
+                      "inverse/advantage_mean": masked_mean(advantage, valid)}
+
+    def proposer_loss(self, lat, advantage, valid):
+        """AWR for P(z, z_g) -> z': the data's subgoal, weighted by exp(beta A); no gradient into the latents."""
+        with torch.no_grad():
+            weights = advantage_weights(advantage, self.config.beta)
+        proposal = self.heads.proposer(lat.z.detach(), lat.z_actor_goal.detach())
+        loss = masked_mean(weights * (proposal - lat.z_subgoal.detach()).square().sum(-1), valid)
+        return loss, {"proposer/loss": loss, "proposer/weight_mean": masked_mean(weights, valid)}
+
+    def total_loss(self, batch):
+        """Every loss on a batch of windows, weighted and summed; (total, info namespaced per loss)."""
+        c = self.config
+        lat = self.encode_windows(batch)
+        valid = batch["future_valid"].float()
+        critic, info = self.critic_loss(lat, batch, valid)
+        value, value_info = self.value_loss(lat, valid)
+        infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
+        state, state_info = self.state_loss(lat, batch)
+        reward, reward_info = self.reward_loss(lat, batch, valid)
+        advantage = self.actor_advantage(lat, batch)
+        inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
+        proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
+        total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
+                 + inverse + c.proposer_coef * proposer)
+        for extra in (value_info, infonce_info, state_info, reward_info, inverse_info, proposer_info):
+            info.update(extra)
+        info["train/total_loss"] = total
+        return total, info
+
+    def critic_step_loss(self, batch):
+        """Critic and value losses on single-observation latents of the positions with a subgoal k ahead.
+
+        The critic needs many backups to carry values across a maze; without the window encoder a step costs
+        about 35% of a full one (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
+        """
+        rows, future_observations = rows_with_a_subgoal(batch)
+        lat = self.encode_single_observations(rows, future_observations)
+        valid = torch.ones(len(lat.z), device=lat.z.device)
+        critic, _ = self.critic_loss(lat, rows, valid)
+        value, _ = self.value_loss(lat, valid)
+        return critic + value, {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
 
     # ------------------------------------------------------------------ update
 
-    def update(self, batch):
-        """One gradient step on every loss; returns a dict of floats, namespaced per loss."""
-        c = self.config
-        z, z_next, z_future, z_value_goal, z_actor_goal, z_state, z_inverse_next = self.encode_batch(batch)
-        valid = batch["future_valid"].float()
-        critic, info = self.critic_loss(z, z_next, z_future, z_value_goal, batch, valid)
-        value, value_info = self.value_loss(z, z_next.detach(), z_value_goal, valid)
-        infonce, infonce_info = self.infonce_loss(z, z_actor_goal, batch["step_valid"])
-        state, state_info = self.state_loss(z, batch)
-        reward, reward_info = self.reward_loss(z, z_next, z_value_goal, batch, valid)
-        inverse, proposer, policy_info = self.policy_losses(z, z_state, z_next, z_inverse_next, z_future, z_actor_goal, batch, valid)
-        total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
-                 + inverse + c.proposer_coef * proposer)
+    def update(self, batch, critic_batches=()):
+        """One gradient step on every loss of a batch of windows, then one critic step on each of
+        `critic_batches` (the trainers pass `critic_steps` fresh batches); returns a dict of floats."""
+        total, info = self.total_loss(batch)
+        info["train/grad_norm"] = self.gradient_step(total)
+        self.step += 1
+        for critic_batch in critic_batches:
+            loss, critic_info = self.critic_step_loss(critic_batch)
+            self.gradient_step(loss)
+            info.update(critic_info)
+        return floats(info)
+
+    def gradient_step(self, loss):
+        """Backward, clip, Adam, EMA targets; the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP_NORM)
         self.optimizer.step()
         self.update_targets()
-        self.step += 1
-        for extra in (value_info, infonce_info, state_info, reward_info, policy_info):
-            info.update(extra)
-        info.update({"train/total_loss": total, "train/grad_norm": grad_norm})
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in info.items()}
-
-    def critic_update(self, batch):
-        """A critic and value step on single-observation latents: z_t = E([o_t]), z_{t+k} = E([o_{t+k}]).
-
-        The critic needs many backups to carry values across a maze; without the window encoder a step
-        costs about 35% of an `update` (BENCHMARKS.md), so `critic_steps` of them per update multiply the
-        backups. Only the positions with a subgoal k ahead are encoded (a batch of windows or of transitions).
-        """
-        c = self.config
-        rows, future_observations = valid_rows(batch)
-        inputs = [rows["observations"], future_observations, rows["value_goals"]]
-        if c.critic_step_proposer:
-            inputs.append(rows["actor_goals"])
-        encoded = self.encoder.encode_goals(torch.stack(inputs))
-        z_observation, z_future, z_goal = encoded[:3]
-        valid = torch.ones(len(z_observation), device=z_observation.device)
-        critic, _ = self.critic_loss(z_observation, z_future, z_future, z_goal, rows, valid)
-        value, _ = self.value_loss(z_observation, z_future.detach(), z_goal, valid)
-        info = {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
-        total = critic + value
-        if c.critic_step_proposer:   # the proposer learns on E([o_t]) too, as often as the critic
-            with torch.no_grad():
-                advantage = self.policy_advantage(z_observation, z_future, z_future, encoded[3], rows)
-            weights = advantage_weights(advantage, c.beta)
-            proposer = self.proposer_loss(z_observation, z_future, encoded[3], weights, valid)
-            info["critic_steps/proposer_loss"] = proposer
-            total = total + c.proposer_coef * proposer
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP_NORM)
-        self.optimizer.step()
-        self.update_targets()
-        return {k: float(v.detach()) for k, v in info.items()}
-
-    def proposer_update(self, batch):
-        """One AWR step of the proposer alone; the encoder, critics, value and inverse dynamics stay frozen.
-
-        P's targets E([o_{t+k}]) move with the encoder during joint training, so at the end P lags the
-        latents it is read against (BENCHMARKS.md, "proposer phase"); steps of P alone on the final
-        encoder let it catch up. Only P's parameters get gradients, so the shared Adam (which skips
-        parameters without one) moves nothing else, and the target critics are not touched.
-        """
-        with torch.no_grad():
-            lat = self.encode_batch(batch)
-            advantage = self.policy_advantage(lat.z, lat.z_next, lat.z_future, lat.z_actor_goal, batch)
-            weights = advantage_weights(advantage, self.config.beta)
-        loss = self.proposer_loss(lat.z, lat.z_next, lat.z_actor_goal, weights, batch["future_valid"].float())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.heads.proposer.parameters(), GRAD_CLIP_NORM)
-        self.optimizer.step()
-        return {"proposer/loss": float(loss.detach())}
-
-    def train_step(self, draw_windows, draw_transitions=None):
-        """`update` on one batch of windows, then `critic_steps` critic steps on fresh batches: of windows,
-        or, with critic_batch='transitions', of independent transitions (draw_transitions() -> batch)."""
-        draw = draw_transitions if self.config.critic_batch == "transitions" else draw_windows
-        if draw is None and self.config.critic_steps > 0:   # before the update, so a misuse changes nothing
-            raise ValueError("critic_batch='transitions' needs a draw_transitions function")
-        info = self.update(draw_windows())
-        for _ in range(self.config.critic_steps):
-            info.update(self.critic_update(draw()))
-        return info
+        return grad_norm
 
     @torch.no_grad()
     def update_targets(self):
@@ -391,27 +350,15 @@ class OfflineAgent:
 
     # ------------------------------------------------------------------ acting
 
-    @torch.no_grad()
-    def latents(self, observation_windows, goals):
-        windows = torch.as_tensor(np.asarray(observation_windows), dtype=torch.float32, device=self.device)
-        goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=self.device)
-        return self.encoder(windows)[:, -1], self.encoder.encode_goals(goals)
+    def candidates(self, z, z_goal, origin):
+        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations s + alpha (z_g - s) from the
+        origin s = E([o_t]), the agent's point in the subgoals' space.
 
-    def subgoal_origin(self, z, observations):
-        """Where the agent stands in the subgoals' space: E([o_t]) when subgoals are goal encodings, else z_t.
-        Steps and interpolations towards z_g start here, so they stay in the space Q and I were trained on."""
-        return self.encoder.encode_goals(observations) if self.config.subgoal_latent == "goal" else z
-
-    def candidates(self, z, z_goal, origin=None):
-        """(N, C, Z): the proposal, noisy copies of it, and goal-biased interpolations s + alpha (z_g - s)
-        from the origin s (`subgoal_origin`; z when not given).
-
-        Q has only seen subgoals k steps away; a far interpolation (through a wall, say) is out of its
-        data and may look best for no reason. So alpha goes up to the proposal's step length
-        ||P(z, z_g) - s|| / ||z_g - s|| (or to 1 when the goal is within one step).
+        Q has only seen subgoals k steps away; a far interpolation (through a wall, say) is out of its data and may
+        look best for no reason. So alpha goes up to the proposal's step length ||P(z, z_g) - s|| / ||z_g - s||
+        (or to 1 when the goal is within one step).
         """
         c = self.config
-        origin = z if origin is None else origin
         proposal = self.heads.proposer(z, z_goal)
         step = (proposal - origin).norm(dim=-1, keepdim=True)
         parts = [proposal.unsqueeze(1)]
@@ -427,72 +374,17 @@ class OfflineAgent:
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def search_subgoal(self, z, z_goal, origin=None):
-        return self.best_by_q(z, self.candidates(z, z_goal, origin), z_goal)
-
-    @torch.no_grad()
-    def best_by_q(self, z, candidates, z_goal):
-        """(N, Z): of candidates (N, C, Z), the one with the largest min(Q1, Q2)(z, z', z_g) per row."""
+    def search_subgoal(self, z, z_goal, origin):
+        """SPEC's policy search: of the candidates, the one with the largest min(Q1, Q2)(z, z', z_g) per row."""
+        candidates = self.candidates(z, z_goal, origin)
         n, num = candidates.shape[:2]
         z_rep, g_rep = (t.unsqueeze(1).expand(-1, num, -1) for t in (z, z_goal))
         q = torch.minimum(*self.heads.q_values(z_rep, candidates, g_rep))
         return candidates[torch.arange(n), q.argmax(dim=1)]
 
-    @torch.no_grad()
-    def subgoal_table(self, z_goal):
-        """The data's subgoals valued for these goals (`SubgoalTable`) when acting with them, else None."""
-        c = self.config
-        if not self.acts_with_data:
-            return None
-        if self.subgoal_data is None:
-            raise UserError(f"subgoal_source {c.subgoal_source!r} acts with the dataset's states, but none is set: "
-                            "call agent.set_subgoal_data(dataset) (the trainers and the evaluate command do)")
-        switch = None
-        if c.subgoal_source == "switch":
-            switch = StallSwitch(len(z_goal), c.stall_steps, c.stall_radius, z_goal.device)
-        return SubgoalTable(self, self.subgoal_data, z_goal, switch=switch)
-
-    @torch.no_grad()
-    def choose_subgoal(self, z, z_goal, observations, table=None):
-        """The greedy subgoal: the data's best real state near o_t (with a table), else the policy search's;
-        with a table that has a `StallSwitch`, whichever of the two the switch says per episode."""
-        if table is None:
-            return self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations))
-        if table.switch is None:
-            return table.subgoals(observations)
-        on_data = table.switch.on_data(observations).unsqueeze(1)
-        return torch.where(on_data, table.subgoals(observations),
-                           self.search_subgoal(z, z_goal, self.subgoal_origin(z, observations)))
-
-    @torch.no_grad()
-    def act(self, observation_windows, goals, table=None):
-        """Greedy actions in [-1, 1] for a batch: windows (N, l, obs_dim) of the last l <= L steps.
-        Acting with the data's states, pass the goals' `subgoal_table` to act on many steps (else one is built;
-        a table also holds the `StallSwitch`'s per-episode state)."""
-        z, z_goal = self.latents(observation_windows, goals)
-        observations = torch.as_tensor(np.asarray(observation_windows)[:, -1], dtype=torch.float32, device=self.device)
-        table = table if table is not None else self.subgoal_table(z_goal)
-        z_next = self.choose_subgoal(z, z_goal, observations, table)
-        return self.inverse_action(z, observations, z_next, z_goal).clamp(-1, 1).cpu().numpy()
-
-    def inverse_action(self, z, observations, z_next, z_goal):
-        """I(z, z', z_g) in [-1, 1], its state input z_t or, with inverse_state='observation', E([o_t]).
-
-        The history holds the velocity and so the last action; an inverse dynamics that sees it can learn
-        to repeat that action (the copycat problem of behaviour cloning from histories) and stall once
-        it slows down. E([o_t]) holds the current observation only.
-        """
-        if self.config.inverse_state == "observation":
-            z = self.encoder.encode_goals(observations)
-        return self.heads.action(z, z_next, z_goal)
-
-    def make_actor(self, goals, mode="recurrent", streams=2):
-        """A stateful greedy policy for a batch of episodes that all start now (see the actor classes)."""
-        if mode == "recurrent":
-            return RecurrentActor(self, goals, streams)
-        if mode == "window":
-            return WindowActor(self, goals)
-        raise ValueError(f"acting mode must be 'recurrent' or 'window', got {mode!r}")
+    def make_actor(self, goals, context="recurrent", streams=2):
+        """The greedy policy for a batch of episodes that all start now (`Actor`)."""
+        return Actor(self, goals, context, streams)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -510,13 +402,8 @@ class OfflineAgent:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
-        config = dict(checkpoint["agent_config"], **overrides)
-        # checkpoints from before these options were trained with what the options now call their old values
-        for key, old_value in (("subgoal_latent", "history"), ("advantage", "q"), ("inverse_beta", None),
-                               ("inverse_subgoal", "k"), ("critic_steps", 0),
-                               ("critic_step_proposer", False), ("critic_batch", "windows"),
-                               ("subgoal_source", "proposer")):
-            config.setdefault(key, old_value)
+        known = {f.name for f in fields(AgentConfig)}
+        config = {k: v for k, v in dict(checkpoint["agent_config"], **overrides).items() if k in known}
         agent = cls(AgentConfig(**config), device=device)
         agent.load_state_dict(checkpoint)
         return agent
@@ -527,59 +414,60 @@ class OfflineAgent:
                             f"size {self.config.action_dim}, but the environment has {obs_dim} and {action_dim}")
 
 
-class WindowActor:
-    """Recomputes the encoder over the last L observations at every step: cost grows with L."""
+# ----------------------------------------------------------------------------- acting
 
-    def __init__(self, agent, goals):
-        self.agent, self.goals = agent, np.asarray(goals, np.float32)
-        self.history = None
-        with torch.no_grad():
-            z_goal = agent.encoder.encode_goals(torch.as_tensor(self.goals, device=agent.device))
-        self.table = agent.subgoal_table(z_goal)
+class Actor:
+    """The greedy policy for a batch of episodes that all start now: `act(observations) -> actions` and
+    `keep(rows)` when some episodes end (the protocol `ogbench_utils.evaluate` steps).
 
-    def act(self, observations):
-        observations = np.asarray(observations, np.float32)[:, None]
-        if self.history is not None:
-            keep = self.agent.context_length - 1
-            observations = np.concatenate([self.history[:, max(0, self.history.shape[1] - keep):], observations], axis=1)
-        self.history = observations
-        return self.agent.act(self.history, self.goals, self.table)
-
-    def keep(self, rows):
-        """Keep only these episodes (the others ended)."""
-        self.history, self.goals = self.history[rows], self.goals[rows]
-        if self.table is not None:
-            self.table.keep(rows)
-
-
-class RecurrentActor:
-    """Constant cost per step with the encoder's recurrent step mode.
-
-    A recurrent state over the whole episode would see more history than any training window, so
-    `streams` recurrent states are restarted in turn, every L / streams steps; the policy reads the
-    oldest one. Its latent is exactly the encoder's output for the last c observations, with
-    c = t + 1 early on and then c in [L - L/streams + 1, L]: the contexts the training windows hold.
+    Each step: z_t from the episode's recent history (`RecurrentHistory` or `WindowHistory`), the subgoal z' by
+    the config's subgoal_source, and the action I(z_t, z', z_g) in [-1, 1].
     """
 
-    def __init__(self, agent, goals, streams=2):
+    def __init__(self, agent, goals, context="recurrent", streams=2):
         self.agent = agent
-        length = agent.context_length
-        self.period = max(1, length // streams)
-        self.streams = max(1, min(streams, length))
         goals = torch.as_tensor(np.asarray(goals), dtype=torch.float32, device=agent.device)
         with torch.no_grad():
             self.z_goal = agent.encoder.encode_goals(goals)
-        self.table = agent.subgoal_table(self.z_goal)
-        self.caches = [None] * self.streams
-        self.starts = [None] * self.streams
-        self.t = 0
+        if context == "recurrent":
+            self.history = RecurrentHistory(agent, streams)
+        elif context == "window":
+            self.history = WindowHistory(agent)
+        else:
+            raise ValueError(f"acting context must be 'recurrent' or 'window', got {context!r}")
+        c = agent.config
+        self.table = self.switch = None
+        if c.acts_with_data:
+            if agent.subgoal_data is None:
+                raise UserError(f"subgoal_source {c.subgoal_source!r} acts with the dataset's states, but none is "
+                                "set: call agent.set_subgoal_data(dataset) (the trainers and the evaluate command do)")
+            with torch.no_grad():
+                self.table = SubgoalTable(agent, agent.subgoal_data, self.z_goal)
+        if c.subgoal_source == "switch":
+            self.switch = StallSwitch(len(goals), c.stall_steps, c.stall_radius, agent.device)
 
     @torch.no_grad()
     def act(self, observations):
         observations = self.observation_tensor(observations)
-        z = self.last_latent = self.latent(observations)   # kept for diagnostics (diagnose_acting --on_policy)
-        z_next = self.agent.choose_subgoal(z, self.z_goal, observations, self.table)
-        return self.agent.inverse_action(z, observations, z_next, self.z_goal).clamp(-1, 1).cpu().numpy()
+        z = self.history.latent(observations)
+        action = self.agent.heads.action(z, self.subgoal(z, observations), self.z_goal)
+        return self.perturb(action).clamp(-1, 1).cpu().numpy()
+
+    def subgoal(self, z, observations):
+        """The greedy subgoal by the config's rule."""
+        if self.table is None:
+            return self.search(z, observations)
+        if self.switch is None:
+            return self.table.subgoals(observations)
+        on_data = self.switch.on_data(observations).unsqueeze(1)
+        return torch.where(on_data, self.table.subgoals(observations), self.search(z, observations))
+
+    def search(self, z, observations):
+        return self.agent.search_subgoal(z, self.z_goal, self.agent.encoder.encode_goals(observations))
+
+    def perturb(self, action):
+        """Greedy: the action as it is (the online explorer adds noise here)."""
+        return action
 
     def observation_tensor(self, observations):
         """A float tensor on the agent's device (a tensor that already is one passes through uncopied)."""
@@ -587,46 +475,80 @@ class RecurrentActor:
             observations = np.asarray(observations)
         return torch.as_tensor(observations, dtype=torch.float32, device=self.agent.device)
 
-    @torch.no_grad()
+    def keep(self, rows):
+        """Keep only these episodes (the others ended)."""
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.agent.device)
+        self.z_goal = self.z_goal[rows]
+        self.history.keep(rows)
+        for part in (self.table, self.switch):
+            if part is not None:
+                part.keep(rows)
+
+
+class RecurrentHistory:
+    """z_t at constant cost per step with the encoder's recurrent step mode.
+
+    A recurrent state over the whole episode would see more history than any training window, so `streams`
+    recurrent states are restarted in turn, every L / streams steps; the latent is the oldest one's. It is exactly
+    the encoder's output for the last c observations, with c = t + 1 early on and then c in [L - L/streams + 1, L]:
+    the contexts the training windows hold.
+    """
+
+    def __init__(self, agent, streams=2):
+        self.encoder = agent.encoder
+        length = agent.context_length
+        self.period = max(1, length // streams)
+        self.streams = max(1, min(streams, length))
+        self.caches = [None] * self.streams
+        self.starts = [None] * self.streams
+        self.t = 0
+
     def latent(self, observations):
         """Feed one observation per episode; the latent of the oldest stream."""
-        obs = self.observation_tensor(observations)
         if self.t % self.period == 0:                       # restart the stream whose turn it is
             s = (self.t // self.period) % self.streams
-            self.caches[s], self.starts[s] = self.agent.encoder.allocate_inference_cache(len(obs)), self.t
-        latents = {s: self.agent.encoder.step(obs, cache) for s, cache in enumerate(self.caches) if cache is not None}
+            self.caches[s], self.starts[s] = self.encoder.allocate_inference_cache(len(observations)), self.t
+        latents = {s: self.encoder.step(observations, cache) for s, cache in enumerate(self.caches) if cache is not None}
         oldest = min(latents, key=lambda s: self.starts[s])
         self.t += 1
         return latents[oldest]
 
     def keep(self, rows):
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.agent.device)
-        self.z_goal = self.z_goal[rows]
-        if self.table is not None:
-            self.table.keep(rows)
         self.caches = [None if c is None else [(conv[rows], ssm[rows]) for conv, ssm in c] for c in self.caches]
 
 
-class DataSubgoals:
-    """Real states of the data as subgoals (subgoal_source='data'): every `stride`-th dataset state o_i; o_j,
-    the state k steps later in its own trajectory (j = min(i + k, its last step)); and the state `lookahead`
-    steps later (clamped alike), where the trajectory is headed, which the subgoal is valued by (None: the
-    successor itself)."""
+class WindowHistory:
+    """z_t by the encoder over the last L observations at every step: the cost grows with L."""
 
-    def __init__(self, states, successors, lookaheads=None, device="cpu"):
+    def __init__(self, agent):
+        self.encoder, self.length = agent.encoder, agent.context_length
+        self.window = None
+
+    def latent(self, observations):
+        observations = observations.unsqueeze(1)
+        if self.window is not None:
+            observations = torch.cat([self.window[:, max(0, self.window.shape[1] - self.length + 1):], observations], 1)
+        self.window = observations
+        return self.encoder(self.window)[:, -1]
+
+    def keep(self, rows):
+        self.window = self.window[rows]
+
+
+class DataSubgoals:
+    """Real states of the data as subgoals: every `stride`-th dataset state o_i, and o_j, the state k steps later
+    in its own trajectory (j = min(i + k, its last step))."""
+
+    def __init__(self, states, successors, device="cpu"):
         def tensor(x):
             return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
         self.states, self.successors = tensor(states), tensor(successors)
-        self.lookaheads = None if lookaheads is None else tensor(lookaheads)
 
     @classmethod
-    def from_dataset(cls, dataset, steps, stride, lookahead=None, device="cpu"):
+    def from_dataset(cls, dataset, steps, stride, device="cpu"):
         rows = np.arange(0, len(dataset), stride)
-
-        def ahead(n):
-            return dataset.observations[np.minimum(rows + n, dataset.traj_ends[rows])]
-        return cls(dataset.observations[rows], ahead(steps),
-                   None if lookahead in (None, steps) else ahead(lookahead), device)
+        return cls(dataset.observations[rows], dataset.observations[np.minimum(rows + steps, dataset.traj_ends[rows])],
+                   device)
 
     def __len__(self):
         return len(self.states)
@@ -637,29 +559,24 @@ class SubgoalTable:
     (in normalised observations), the successor o_j with the largest V(E([o_j]), z_g) is the subgoal.
 
     Each candidate is a real state about k steps from the agent, so Q(z, z', z_g), k rewards of -1 plus
-    gamma^k V(z', z_g), ranks them as V does; V is trained on these very encodings and Q scored on such
-    pairs picked worse (BENCHMARKS.md, "Real states as subgoals"). Unlike the proposer's regression, which
-    can land between two paths around a wall, the subgoal is always a state the data reached. The goals
-    stay fixed over the episodes, so V is computed for every (state, goal) once, here; a step then costs
-    a nearest-neighbour search.
+    gamma^k V(z', z_g), ranks them as V does; V is trained on these very encodings and Q scored on such pairs
+    picked worse (BENCHMARKS.md). Unlike the proposer's regression, which can land between two paths around a
+    wall, the subgoal is always a state the data reached. The goals stay fixed over the episodes, so V is computed
+    for every (state, goal) once, here; a step then costs a nearest-neighbour search.
     """
 
-    def __init__(self, agent, data, z_goal, chunk=65536, switch=None):
-        self.agent, self.switch = agent, switch
+    def __init__(self, agent, data, z_goal, chunk=65536):
+        self.encoder = agent.encoder
         self.neighbors = min(agent.config.data_neighbors, len(data))
-        encoder, value = agent.encoder, agent.heads.value
-        self.states = encoder.normalize(data.states)
-
-        def encode(states):
-            return torch.cat([encoder.encode_goals(part) for part in states.split(chunk)])
-        self.latents = encode(data.successors)
-        valued = self.latents if data.lookaheads is None else encode(data.lookaheads)
-        self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in valued.split(chunk)])
+        self.states = self.encoder.normalize(data.states)
+        self.latents = torch.cat([self.encoder.encode_goals(part) for part in data.successors.split(chunk)])
+        value = agent.heads.value
+        self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in self.latents.split(chunk)])
                                    for goal in z_goal])
 
     def nearest(self, observations):
         """(N, neighbors): indices of the kept states nearest to each observation (N, obs_dim)."""
-        distances = torch.cdist(self.agent.encoder.normalize(observations), self.states)
+        distances = torch.cdist(self.encoder.normalize(observations), self.states)
         return distances.topk(self.neighbors, dim=1, largest=False).indices
 
     def subgoals(self, observations):
@@ -670,18 +587,16 @@ class SubgoalTable:
 
     def keep(self, rows):
         self.values = self.values[rows]
-        if self.switch is not None:
-            self.switch.keep(rows)
 
 
 class StallSwitch:
     """Which episodes act on the data's subgoals, the others on the policy search's (subgoal_source='switch').
 
     The two rules fail different tasks of the same checkpoint, and both fail the same way: the agent comes to
-    rest, pushing into a wall or at a state none of whose candidates looks better (BENCHMARKS.md, "Where the
-    policy fails"). So each episode starts on the data's subgoals and swaps to the other rule whenever its
-    position, the first two observation dimensions (x-y in OGBench's mazes), has moved less than `radius`
-    over the last `steps` steps; after a swap it gets `steps` steps before it can swap again.
+    rest, pushing into a wall or at a state none of whose candidates looks better (BENCHMARKS.md). So each
+    episode starts on the data's subgoals and swaps to the other rule whenever its position, the first two
+    observation dimensions (x-y in every OGBench maze), has moved less than `radius` over the last `steps` steps;
+    after a swap it gets `steps` steps before it can swap again.
     """
 
     def __init__(self, episodes, steps, radius, device="cpu"):

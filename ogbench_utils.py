@@ -7,13 +7,12 @@ index equals the current index; reward = success - 1; mask = 1 - success) and it
 
 Command line:
     python ogbench_utils.py generate pointmaze-medium-navigate-v0 [--episodes N] [--max_steps M]
-        [--noise X] [--seed S] [--dataset_dir DIR]
-    python ogbench_utils.py evaluate runs/offline/best_model.pth --dataset pointmaze-medium-navigate-v0
+        [--noise X] [--seed S] [--dataset_dir DIR] [--expert FILE] [--overwrite]
+    python ogbench_utils.py oracle antmaze-medium-navigate-v0     # the recipe's oracle-steered policy's success
 """
 import argparse
 import datetime
 import os
-import sys
 import tempfile
 import urllib.error
 import zipfile
@@ -24,9 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, exit_on_user_error, non_negative_float, positive_float, positive_int, read_json, write_json
+from utils import DEFAULT_DATASET_DIR, UserError, exit_on_user_error, non_negative_float, positive_int, read_json, write_json
 
-DEFAULT_DATASET_DIR = "datasets"
 GENERATED_DATASET_DIR = "datasets/generated"
 
 OFFICIAL_LOCOMOTION = [f"antmaze-{size}-{kind}-v0" for size in ("medium", "large")
@@ -147,18 +145,6 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
     return tuple(_to_trajectories(d, max_trajectories) for d in (train, val))
 
 
-def set_run_subgoal_data(agent, run_config, dataset=None, dataset_dir=None, max_trajectories=None):
-    """An agent acting with the data's states (subgoal_source 'data' or 'switch') gets the training set of its run
-    (run_config: the trainer's flags, as in the checkpoint or config.json); the arguments given override the
-    run's. Other agents: no-op."""
-    if not agent.acts_with_data:
-        return
-    train, _ = load_datasets(dataset or run_config["dataset"],
-                             dataset_dir or run_config.get("dataset_dir", DEFAULT_DATASET_DIR),
-                             max_trajectories or run_config.get("max_trajectories"))
-    agent.set_subgoal_data(train)
-
-
 def _to_trajectories(compact, max_trajectories):
     # compact datasets keep every observation; valids == 0 marks each trajectory's last step
     terminals = compact["valids"] == 0
@@ -198,24 +184,22 @@ class WindowSampler:
     (dataset index i):
       future_offset   position of min(i + k, window end) in the window (k = subgoal_steps)
       future_valid    the future is exactly k ahead, or the trajectory ended before
-      inverse_offset  (with inverse_subgoals) position of min(i + d, window end), d uniform in 1..k:
-                      subgoals for the inverse dynamics at several distances
+      inverse_offset  position of min(i + d, window end), d uniform in 1..k: subgoals for the inverse
+                      dynamics at several distances
       value_goals     OGBench value goals: current (0.2), same-trajectory future at a geometric offset
                       with p = 1 - discount (0.5), random dataset state (0.3); on online data a share
                       `commanded_goal_prob` of them is replaced by the goal the agent was given
-      rewards/masks   success = (goal index == i) (or the env's success for commanded goals),
-                      reward = success - 1, mask = 1 - success
+      rewards/successes  success = (goal index == i) (or the env's success for commanded goals),
+                      reward = success - 1 (OGBench's mask = 1 - success is kstep_masks' one-step case)
       kstep_returns   discounted rewards over the k steps, stopping at success; kstep_masks 0 if the goal
                       is reached within them (no bootstrap), else 1; kstep_discounts = discount ** steps
-      hindsight_returns  the discounted return of the data's own path to the goal (a lower bound on the
-                      optimal return); -1 / (1 - discount) where the goal is not ahead on the trajectory
       actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
       actor_kstep_returns/_masks  kstep_returns and kstep_masks towards the actor goal
       next_valid      t + 1 is inside the window and the trajectory
     """
 
     def __init__(self, data: Trajectories, context_length, subgoal_steps, discount, seed=0,
-                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0, inverse_subgoals=False):
+                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0):
         if abs(sum(goal_probs.values()) - 1.0) > 1e-6:
             raise ValueError(f"goal probabilities must sum to 1, got {goal_probs}")
         self.data = data
@@ -224,14 +208,12 @@ class WindowSampler:
         self.discount = discount
         self.goal_probs = goal_probs
         self.commanded_goal_prob = commanded_goal_prob
-        self.inverse_subgoals = inverse_subgoals   # draw inverse_offset (an extra draw, so off unless used)
         self.rng = np.random.default_rng(seed)
         self.refresh()
 
     def refresh(self):
         """Recompute the window starts (after the data grew)."""
         self.valid_starts = self._window_starts(self.window_length)
-        self.transition_starts = self._window_starts(self.subgoal_steps + 1)
         if self.data.reached is not None:
             self.next_reached = self._next_reached()
 
@@ -257,20 +239,9 @@ class WindowSampler:
         return result
 
     def sample(self, batch_size, device="cpu"):
-        """batch_size windows of `context_length` steps."""
-        return self._sample(self.valid_starts, self.window_length, batch_size, device)
-
-    def sample_transitions(self, count, device="cpu"):
-        """count independent steps, each with the step k ahead: windows of k + 1 steps whose first position
-        alone is marked future_valid. For the critic steps, which need no history: i.i.d. states cover the
-        maze better than the few stretches of trajectory a batch of windows holds."""
-        batch = self._sample(self.transition_starts, self.subgoal_steps + 1, count, device)
-        batch["future_valid"][:, 1:] = False
-        return batch
-
-    def _sample(self, start_pool, window_length, batch_size, device):
-        rng, k, gamma = self.rng, self.subgoal_steps, self.discount
-        starts = start_pool[rng.integers(len(start_pool), size=batch_size)]
+        """batch_size windows of `context_length` steps (OGBench's conventions: the class docstring)."""
+        rng, k, gamma, window_length = self.rng, self.subgoal_steps, self.discount, self.window_length
+        starts = self.valid_starts[rng.integers(len(self.valid_starts), size=batch_size)]
         positions = starts[:, None] + np.arange(window_length)                    # (B, W)
         traj_end = self.data.traj_ends[starts][:, None]
         step_valid = positions <= traj_end
@@ -291,31 +262,24 @@ class WindowSampler:
             success = np.where(commanded, self.data.reached[idx], success)
             to_goal = np.where(commanded, self.next_reached[idx] - idx, to_goal)
             to_goal[commanded & (self.next_reached[idx] == np.iinfo(np.int64).max)] = np.iinfo(np.int64).max
-            goal_idx = np.where(commanded, -1, goal_idx)
         goal_within_k = to_goal < steps_ahead
         kstep_returns = return_of_reaching(np.minimum(to_goal, steps_ahead), gamma)
-        # the data's own path reaches a same-trajectory goal in to_goal steps: the optimal return is at least
-        # this (-1 / (1 - gamma), the worst return, where the goal is not ahead on this trajectory)
-        hindsight_returns = return_of_reaching(np.minimum(to_goal, 1 << 20), gamma)
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
         to_actor_goal = actor_goals - idx
 
+        inverse = np.minimum(idx + rng.integers(1, k + 1, size=idx.shape), window_end)
         batch = dict(
             observations=obs[idx], actions=self.data.actions[idx], step_valid=step_valid,
-            future_offset=future - starts[:, None], future_valid=future_valid,
-            value_goals=value_goals, rewards=success.astype(np.float32) - 1.0,
-            masks=1.0 - success.astype(np.float32), successes=success,
+            future_offset=future - starts[:, None], future_valid=future_valid, inverse_offset=inverse - starts[:, None],
+            value_goals=value_goals, rewards=success.astype(np.float32) - 1.0, successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
-            kstep_discounts=(gamma ** steps_ahead).astype(np.float32), hindsight_returns=hindsight_returns.astype(np.float32),
-            actor_goals=obs[actor_goals],
+            kstep_discounts=(gamma ** steps_ahead).astype(np.float32), actor_goals=obs[actor_goals],
             actor_kstep_returns=return_of_reaching(np.minimum(to_actor_goal, steps_ahead), gamma).astype(np.float32),
-            actor_kstep_masks=(to_actor_goal >= steps_ahead).astype(np.float32), next_valid=step_valid & (positions < window_end),
-            indices=idx, value_goal_indices=goal_idx,
+            actor_kstep_masks=(to_actor_goal >= steps_ahead).astype(np.float32),
+            next_valid=step_valid & (positions < window_end),
         )
-        if self.inverse_subgoals:
-            batch["inverse_offset"] = np.minimum(idx + rng.integers(1, k + 1, size=idx.shape), window_end) - starts[:, None]
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
 
     def _value_goal_indices(self, idx, traj_end):
@@ -326,12 +290,6 @@ class WindowSampler:
         choice = rng.random(idx.shape)
         goals = np.where(choice < p["cur"], idx, traj_goals)
         return np.where(choice >= p["cur"] + p["traj"], random_goals, goals)
-
-
-def sampler_for(config, data, seed=0, **options):
-    """The WindowSampler an agent config trains on: its context, k, discount, and inverse subgoals if used."""
-    return WindowSampler(data, config.context_length, config.subgoal_steps, config.discount, seed=seed,
-                         inverse_subgoals=config.inverse_subgoal == "uniform", **options)
 
 
 def return_of_reaching(steps, gamma):
@@ -347,18 +305,23 @@ def concat_batches(first, second):
 # ----------------------------------------------------------------------------- evaluation
 
 def run_episodes(actor, envs, observations, progress):
-    """Step all episodes side by side until each ends: (success (N,), episode lengths (N,))."""
+    """Step all episodes side by side until each ends: success (N,), episode lengths (N,), and which episodes
+    ended on a non-finite action (N,). Such an action never reaches the environment (MuJoCo would reset the
+    state, and a point reset to (0, 0) can land on a goal): its episode ends there, as a failure."""
     n, max_steps = len(envs), envs[0].spec.max_episode_steps
-    success, lengths = np.zeros(n), np.zeros(n)
+    success, lengths, non_finite = np.zeros(n), np.zeros(n), np.zeros(n, bool)
     active = np.arange(n)
     with tqdm(total=max_steps, desc="evaluate", leave=False, disable=not progress) as bar:
         for step in range(max_steps):
-            actions = actor.act(observations[active])
+            actions = np.asarray(actor.act(observations[active]))
             keep = []
             for row, (i, action) in enumerate(zip(active, actions)):
+                lengths[i] = step + 1
+                if not np.all(np.isfinite(action)):
+                    non_finite[i], success[i] = True, 0.0
+                    continue
                 ob, _, terminated, truncated, info = envs[i].step(action)
                 observations[i] = ob
-                lengths[i] = step + 1
                 success[i] = max(success[i], info["success"])
                 if not (terminated or truncated):
                     keep.append(row)
@@ -369,16 +332,18 @@ def run_episodes(actor, envs, observations, progress):
                 actor.keep(np.asarray(keep))
             bar.update(1)
             bar.set_postfix(active=len(active), success=f"{success.mean():.2f}")
-    return success, lengths
+    return success, lengths, non_finite
 
 
-def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, tasks=None, acting="recurrent",
-             max_episode_steps=None):
+def evaluate(policy, dataset_name, episodes_per_task, seed=0, progress=True, tasks=None, max_episode_steps=None):
     """OGBench's protocol, all episodes side by side: one batched policy call per step.
 
-    `agent.make_actor(goals, mode=acting)` gives the policy; episodes leave the batch when they end.
+    The actor protocol, the only thing evaluation knows of a policy: `policy.make_actor(goals)` (goals
+    (N, obs_dim)) returns an actor with `act(observations (N', obs_dim)) -> actions (N', action_dim)` and
+    `keep(rows)`, called when episodes end with the rows (into the last `act` call) that go on.
     `tasks` defaults to the five evaluation tasks; `max_episode_steps` to the environment's limit.
-    Returns {'success': mean over tasks, 'task{k}_success': per task, 'episode_length': mean, 'env_steps'}.
+    Returns {'success': mean over tasks, 'task{k}_success': per task, 'non_finite_episodes': episodes ended by
+    a NaN or Inf action ('task{k}_non_finite' per task), 'episode_length': mean, 'env_steps'}.
     """
     tasks = list(tasks or range(1, NUM_EVAL_TASKS + 1))
     # the maze's start and goal noise comes from numpy's global RNG: seed it, so every evaluation of a
@@ -398,13 +363,15 @@ def evaluate(agent, dataset_name, episodes_per_task, seed=0, progress=True, task
     # same whenever it runs (in training or from the checkpoint later) and leaves the caller's stream alone
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        actor = agent.make_actor(np.asarray(goals, np.float32), mode=acting)
-        success, lengths = run_episodes(actor, envs, np.asarray(observations, np.float32), progress)
+        actor = policy.make_actor(np.asarray(goals, np.float32))
+        success, lengths, non_finite = run_episodes(actor, envs, np.asarray(observations, np.float32), progress)
     for env in envs:
         env.close()
     task_of = np.asarray(task_of)
     result = {f"task{k}_success": float(success[task_of == k].mean()) for k in tasks}
     result["success"] = float(np.mean([result[f"task{k}_success"] for k in tasks]))
+    result.update({f"task{k}_non_finite": int(non_finite[task_of == k].sum()) for k in tasks})
+    result["non_finite_episodes"] = int(non_finite.sum())
     result["episode_length"] = float(lengths.mean())
     result["env_steps"] = int(lengths.sum())
     return result
@@ -419,11 +386,15 @@ class OracleSubgoals:
         self.env = maze_env
         self.cache = {}
 
-    def direction(self, xy, goal_xy):
+    def subgoal_xy(self, xy, goal_xy):
+        """The centre of the next cell on the shortest path from xy's cell to goal_xy's (OGBench's oracle)."""
         key = (self.env.xy_to_ij(xy), self.env.xy_to_ij(goal_xy))
         if key not in self.cache:
             self.cache[key] = np.asarray(self.env.get_oracle_subgoal(xy, goal_xy)[0])
-        offset = self.cache[key] - xy
+        return self.cache[key]
+
+    def direction(self, xy, goal_xy):
+        offset = self.subgoal_xy(xy, goal_xy) - xy
         return offset / (np.linalg.norm(offset) + 1e-6)
 
 
@@ -471,8 +442,8 @@ class OraclePolicy:
             return directions
         return self.expert(np.concatenate([np.asarray(observations)[:, 2:], directions], axis=1))
 
-    def make_actor(self, goals, mode=None):
-        """The evaluate() interface: steer towards goal observations (x-y in their first two numbers)."""
+    def make_actor(self, goals):
+        """The evaluate() protocol: steer towards goal observations (x-y in their first two numbers)."""
         return OracleActor(self, np.asarray(goals)[:, :2])
 
 
@@ -639,7 +610,6 @@ def read_provenance(name, dataset_dir):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    from offline_agent import SUBGOAL_SOURCES
     parser = argparse.ArgumentParser(description="OGBench datasets for OPSO.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an OGBench-format dataset locally (no internet needed)")
@@ -661,36 +631,11 @@ def build_parser():
     orc.add_argument("--eval_episodes", type=positive_int, default=20, help="episodes per task")
     orc.add_argument("--seed", type=int, default=0, help="evaluation seed")
     orc.add_argument("--expert", default=None, help="antmaze: expert weights (default: the shipped one)")
-    ev = commands.add_parser("evaluate", help="greedy OGBench evaluation (5 tasks) of a saved checkpoint")
-    ev.add_argument("checkpoint", help="an OPSO checkpoint (best_model.pth, last_model.pth, ...)")
-    ev.add_argument("--dataset", required=True, help="dataset whose environment to evaluate in")
-    ev.add_argument("--eval_episodes", type=positive_int, default=20, help="episodes per task")
-    ev.add_argument("--seed", type=int, default=0, help="evaluation seed")
-    ev.add_argument("--max_episode_steps", type=positive_int, default=None,
-                    help="cut episodes at this many steps (default: the environment's limit, e.g. 1000 for navigate)")
-    ev.add_argument("--acting", choices=["recurrent", "window"], default="recurrent",
-                    help="encoder context while acting: recurrent streams (constant cost) or the last L steps")
-    ev.add_argument("--num_noisy_candidates", type=int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--num_interpolations", type=int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--candidate_noise", type=float, default=None, help="override the checkpoint's value")
-    ev.add_argument("--subgoal_source", choices=list(SUBGOAL_SOURCES), default=None,
-                    help="override the checkpoint's value ('data' and 'switch' load the dataset from --dataset_dir)")
-    ev.add_argument("--data_neighbors", type=positive_int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--data_stride", type=positive_int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--data_lookahead", type=positive_int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--stall_steps", type=positive_int, default=None, help="override the checkpoint's value")
-    ev.add_argument("--stall_radius", type=positive_float, default=None, help="override the checkpoint's value")
-    ev.add_argument("--dataset_dir", default=None,
-                    help="dataset folder for subgoal_source 'data'/'switch' (default: the training run's)")
-    ev.add_argument("--max_trajectories", type=positive_int, default=None,
-                    help="the first N trajectories, for subgoal_source 'data'/'switch' (default: the training run's)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "evaluate":
-        return evaluate_checkpoint(args)
     if args.command == "oracle":
         return evaluate_oracle(args)
     paths = generate(args.dataset, args.episodes, args.max_steps, args.noise, args.seed, args.dataset_dir,
@@ -711,31 +656,6 @@ def evaluate_oracle(args):
     result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed)
     result.update(policy="oracle" + ("+expert" if policy.expert is not None else ""), dataset=args.dataset,
                   eval_episodes=args.eval_episodes)
-    print(json.dumps(result, sort_keys=True))
-    return result
-
-
-ACTING_OVERRIDES = ("num_noisy_candidates", "num_interpolations", "candidate_noise", "subgoal_source",
-                    "data_neighbors", "data_stride", "data_lookahead", "stall_steps", "stall_radius")
-
-
-def evaluate_checkpoint(args):
-    """Greedy evaluation of a saved agent; acting flags override the checkpoint's for this evaluation."""
-    import json
-    from offline_agent import OfflineAgent
-    from utils import load_checkpoint, set_seed
-    check_dataset_name(args.dataset)
-    checkpoint = load_checkpoint(args.checkpoint)
-    overrides = {k: getattr(args, k) for k in ACTING_OVERRIDES if getattr(args, k) is not None}
-    agent = OfflineAgent.from_checkpoint(checkpoint, **overrides)
-    env = make_env(args.dataset)
-    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=args.checkpoint)
-    env.close()
-    set_run_subgoal_data(agent, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir, args.max_trajectories)
-    set_seed(args.seed)
-    result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, acting=args.acting,
-                      max_episode_steps=args.max_episode_steps)
-    result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)
     print(json.dumps(result, sort_keys=True))
     return result
 

@@ -12,57 +12,59 @@ last_online_model.pth, config.json.
 import argparse
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_trainer import add_run_flags, check_finite, prepare_save_dir
-from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, check_dataset_name, concat_batches, evaluate,
-                           load_datasets, make_env, maze_cells, sampler_for)
+from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
+                           load_datasets, make_env, maze_cells)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
-from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, positive_float,
-                   positive_int, resolve_device, save_checkpoint, set_seed, unit_float, write_json)
+from utils import (CSVLogger, RunConfig, UserError, add_flags, check_finite, exit_on_user_error, flag,
+                   load_checkpoint, non_negative_int, plot_curves, positive_float, positive_int, prepare_save_dir,
+                   save_checkpoint, set_seed, setup_torch, unit_float, write_json)
 
 RUN_FILES = ("online_metrics.csv", "last_online_model.pth", "best_online_model.pth", "config.json",
              "online_training_curves.png")
 COLUMNS = ["episode", "step", "env_steps", "online/success", "online/episode_reward", "online/episode_length",
            "exploration/epsilon", "exploration/action_noise", "exploration/explored_fraction", "train/total_loss",
            "critic/loss", "value/loss", "inverse/loss", "infonce/loss", "train/online_windows",
-           "eval/success"] + [f"eval/task{k}_success" for k in range(1, NUM_EVAL_TASKS + 1)] + ["time/elapsed_s"]
+           "eval/success"] + [f"eval/task{k}_success" for k in range(1, NUM_EVAL_TASKS + 1)] + [
+           "eval/non_finite_episodes", "time/elapsed_s"]
 CURVE_PANELS = [("train loss", ["train/total_loss"]), ("episode success", ["online/success"]),
                 ("episode reward", ["online/episode_reward"]), ("epsilon", ["exploration/epsilon"]),
                 ("action noise", ["exploration/action_noise"]), ("greedy evaluation success", ["eval/success"])]
 SUCCESS_SMOOTHING = 20  # episodes in the moving average of the logged online success
 
 
+@dataclass
+class OnlineRunConfig(RunConfig):
+    checkpoint: str = flag("runs/offline/best_model.pth", "offline checkpoint to start from")
+    batch_size: int = flag(8, "windows per update", positive_int)
+    save_dir: str = flag("runs/online", "output folder")
+    max_episodes: int = flag(1000, "online episodes", positive_int)
+    updates_per_episode: int = flag(10, "gradient updates after each episode (0 to only collect)", non_negative_int)
+    online_ratio: float = flag(0.5, "share of each batch's windows drawn from the online buffer (once it holds data)",
+                               unit_float)
+    commanded_goal_prob: float = flag(0.2, "share of online value goals replaced by the episode's own goal and the "
+                                           "env's success", unit_float)
+    online_lr: Optional[float] = flag(None, "learning rate from the offline-to-online switch (default: the "
+                                            "checkpoint's)", positive_float)
+    epsilon_start: float = flag(0.30, "goal-biased exploration rate, start", unit_float)
+    epsilon_end: float = flag(0.05, "goal-biased exploration rate, end", unit_float)
+    action_noise_start: float = flag(0.20, "Gaussian action noise std, start", unit_float)
+    action_noise_end: float = flag(0.05, "Gaussian action noise std, end", unit_float)
+    goal_source: str = flag("tasks", "online goals: the five evaluation tasks in turn, or random maze cells",
+                            choices=["tasks", "random"])
+    eval_every: int = flag(50, "greedy evaluation every N episodes (and at the end)", positive_int)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Online OPSO fine-tuning from an offline checkpoint.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_run_flags(parser)
-    parser.add_argument("--checkpoint", default="runs/offline/best_model.pth", help="offline checkpoint to start from")
-    parser.add_argument("--max_trajectories", type=positive_int, default=None,
-                        help="offline trajectories kept for the offline share of each batch (default: all)")
-    parser.add_argument("--max_episodes", type=positive_int, default=1000, help="online episodes")
-    parser.add_argument("--batch_size", type=positive_int, default=8, help="windows per update")
-    parser.add_argument("--updates_per_episode", type=int, default=10,
-                        help="gradient updates after each episode (0 to only collect)")
-    parser.add_argument("--online_ratio", type=unit_float, default=0.5,
-                        help="share of each batch's windows drawn from the online buffer (once it holds data)")
-    parser.add_argument("--commanded_goal_prob", type=unit_float, default=0.2,
-                        help="share of online value goals replaced by the episode's own goal and the env's success")
-    parser.add_argument("--online_lr", type=positive_float, default=None,
-                        help="learning rate from the offline-to-online switch (default: the checkpoint's)")
-    parser.add_argument("--epsilon_start", type=unit_float, default=0.30, help="goal-biased exploration rate, start")
-    parser.add_argument("--epsilon_end", type=unit_float, default=0.05, help="goal-biased exploration rate, end")
-    parser.add_argument("--action_noise_start", type=unit_float, default=0.20, help="Gaussian action noise std, start")
-    parser.add_argument("--action_noise_end", type=unit_float, default=0.05, help="Gaussian action noise std, end")
-    parser.add_argument("--goal_source", choices=["tasks", "random"], default="tasks",
-                        help="online goals: the five evaluation tasks in turn, or random maze cells")
-    parser.add_argument("--eval_every", type=positive_int, default=50, help="greedy evaluation every N episodes")
-    parser.add_argument("--save_dir", default="runs/online", help="output folder")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --save_dir from last_online_model.pth (replay buffer included)")
+    add_flags(parser, OnlineRunConfig)
     return parser
 
 
@@ -102,15 +104,15 @@ def run_episode(env, actor, ob):
     return np.asarray(observations), np.asarray(actions), np.asarray(reached), reward_sum
 
 
-def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device, transitions=False):
-    """batch_size windows (with `transitions`, independent transitions), a share of them online."""
+def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device):
+    """batch_size windows, a share of them from the online buffer: (batch, online windows)."""
     n_online = online_fraction_of_batch(batch_size, online_ratio, len(online_sampler.data))
-    offline, online = ((s.sample_transitions if transitions else s.sample) for s in (offline_sampler, online_sampler))
     if n_online == 0:
-        return offline(batch_size, device), 0
+        return offline_sampler.sample(batch_size, device), 0
     if n_online == batch_size:
-        return online(batch_size, device), n_online
-    return concat_batches(offline(batch_size - n_online, device), online(n_online, device)), n_online
+        return online_sampler.sample(batch_size, device), n_online
+    return concat_batches(offline_sampler.sample(batch_size - n_online, device),
+                          online_sampler.sample(n_online, device)), n_online
 
 
 def main(argv=None):
@@ -118,9 +120,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_schedules(parser, args)
     check_dataset_name(args.dataset)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = setup_torch(args.threads, args.device)
     paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
     source = paths["last"] if args.resume else args.checkpoint
     checkpoint = load_checkpoint(source, map_location=device)
@@ -134,9 +134,10 @@ def main(argv=None):
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
     agent.set_subgoal_data(offline_data)
     c = agent.config
-    offline_sampler = sampler_for(c, offline_data, seed=args.seed)
+    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
-    online_sampler = sampler_for(c, online_data, seed=args.seed + 1, commanded_goal_prob=args.commanded_goal_prob)
+    online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
+                                   commanded_goal_prob=args.commanded_goal_prob)
     goal_rng = np.random.default_rng(args.seed)
     start = time.time()
     if args.resume:
@@ -165,18 +166,11 @@ def main(argv=None):
         online_sampler.refresh()
         run["episode"], run["env_steps"] = episode, run["env_steps"] + len(actions) - 1
         infos, online_windows = [], []
-
-        def draw():
-            batch, n_online = mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
-            online_windows.append(n_online)
-            return batch
-
-        def draw_transitions():
-            return mixed_batch(offline_sampler, online_sampler, args.batch_size * c.context_length,
-                               args.online_ratio, device, transitions=True)[0]
-
         for _ in range(args.updates_per_episode):
-            infos.append(agent.train_step(draw, draw_transitions))
+            draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
+                     for _ in range(1 + c.critic_steps)]
+            online_windows += [n_online for _, n_online in draws]
+            infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]]))
             check_finite(infos[-1], agent.step)
         run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]
         row = dict(episode=episode, step=agent.step, env_steps=run["env_steps"], **{
@@ -235,7 +229,8 @@ def restore_run(checkpoint, agent, online_data, online_sampler, offline_sampler,
 
 
 def eval_columns(result):
-    return {f"eval/{k}": result[k] for k in ["success"] + [f"task{i}_success" for i in range(1, NUM_EVAL_TASKS + 1)]}
+    keys = ["success"] + [f"task{i}_success" for i in range(1, NUM_EVAL_TASKS + 1)] + ["non_finite_episodes"]
+    return {f"eval/{k}": result[k] for k in keys}
 
 
 def log_row(logger, args, row, start):

@@ -1,18 +1,25 @@
-"""Small shared helpers: seeding, device choice, schedules, CSV logs, curves, checkpoints, JSON."""
+"""Small shared helpers: config flags, run plumbing (threads, device, run folders, finite checks), seeding,
+schedules, CSV logs, curves, checkpoints, JSON."""
 import argparse
 import csv
+import dataclasses
+import glob
 import json
 import math
 import os
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-CHECKPOINT_FORMAT = "opso-checkpoint-v1"
+CHECKPOINT_FORMAT = "opso-checkpoint-v2"   # v2: the retired variants' fields are gone (issue 26)
+CHECKPOINT_FORMAT_PREFIX = "opso-checkpoint-"
+DEFAULT_DATASET_DIR = "datasets"
 
 
 class UserError(Exception):
@@ -63,6 +70,99 @@ def unit_float(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
+
+
+# ----------------------------------------------------------------------------- config flags, written once
+
+def flag(default, help, type=None, choices=None, action=None, group=None):
+    """A config field that is also a command-line flag: its default, help text and argparse type live here."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type, choices=choices, action=action,
+                                                            group=group))
+
+
+def add_flags(parser, config_cls, group=None, overrides=False):
+    """One --name per field of config_cls that has a help text (only those of `group`, if given).
+
+    overrides: every default is None, for flags that override a saved config only where given."""
+    for field in dataclasses.fields(config_cls):
+        meta = field.metadata
+        if "help" not in meta or (group is not None and meta["group"] != group):
+            continue
+        if meta["action"] == "store_true":
+            parser.add_argument(f"--{field.name}", action="store_true", help=meta["help"])
+            continue
+        kind = meta["type"] or type(field.default)
+        parser.add_argument(f"--{field.name}", type=kind, choices=meta["choices"],
+                            default=None if overrides else field.default,
+                            help=meta["help"] + (" (default: the checkpoint's)" if overrides else ""))
+
+
+def config_from_args(config_cls, args, **values):
+    """config_cls from the parsed flags (fields not given as flags come from `values` or their defaults)."""
+    names = {field.name for field in dataclasses.fields(config_cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and k not in values}
+    return config_cls(**given, **values)
+
+
+def field_names(config_cls, group=None):
+    return [f.name for f in dataclasses.fields(config_cls)
+            if "help" in f.metadata and (group is None or f.metadata["group"] == group)]
+
+
+# ----------------------------------------------------------------------------- run plumbing
+
+@dataclass
+class RunConfig:
+    """The flags of a training run, offline or online (each trainer extends them)."""
+    dataset: str = flag("pointmaze-medium-navigate-v0", "OGBench dataset name (an unknown name lists the supported ones)")
+    dataset_dir: str = flag(DEFAULT_DATASET_DIR, "folder of the dataset files (generated ones: datasets/generated)")
+    max_trajectories: Optional[int] = flag(None, "keep the first N trajectories (default: all)", type=positive_int)
+    batch_size: int = flag(16, "windows per update", type=positive_int)
+    eval_episodes: int = flag(20, "evaluation episodes per task (5 tasks)", type=positive_int)
+    seed: int = flag(0, "random seed", type=non_negative_int)
+    device: str = flag("auto", "torch device", choices=list(DEVICES))
+    threads: int = flag(0, "torch.set_num_threads (0: leave the default; runs side by side: 1 each)",
+                       type=non_negative_int)
+    max_episode_steps: Optional[int] = flag(None, "episode limit for evaluation and online episodes (default: the "
+                                                  "environment's, 1000 for the mazes; shorter only for quick runs)",
+                                            type=positive_int)
+    save_dir: str = flag("runs/offline", "output folder")
+    resume: bool = flag(False, "continue the run in --save_dir from its last checkpoint", action="store_true")
+    overwrite: bool = flag(False, "replace the outputs of a previous run in --save_dir", action="store_true")
+    no_progress: bool = flag(False, "hide progress bars", action="store_true")
+
+
+def setup_torch(threads, device):
+    """Threads and device, resolved once per run."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return resolve_device(device)
+
+
+def prepare_save_dir(save_dir, resume, overwrite, run_files):
+    """Refuse to mix two runs' outputs: an existing run needs --resume or --overwrite."""
+    existing = [f for f in run_files if os.path.exists(os.path.join(save_dir, f))]
+    if existing and not (resume or overwrite):
+        raise UserError(f"{save_dir} already holds a run ({', '.join(existing)}); "
+                        f"pass --resume to continue it, --overwrite to replace it, or another --save_dir")
+    if overwrite and not resume:
+        for f in existing:
+            os.remove(os.path.join(save_dir, f))
+    os.makedirs(save_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(save_dir, "*.tmp")):  # half-written files of a killed run
+        os.remove(stale)
+
+
+def check_finite(info, step):
+    """Stop at the first non-finite loss, naming it; the checkpoints on disk are the last good ones."""
+    for key, value in info.items():
+        if not math.isfinite(value):
+            raise UserError(f"non-finite {key} ({value}) at step {step}; stopping, the last good checkpoint is kept")
+
+
+def average(infos):
+    """Means of a list of equal-keyed dicts of floats."""
+    return {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
 
 
 def set_seed(seed):
@@ -134,7 +234,12 @@ def load_checkpoint(path, map_location="cpu", expected_format=CHECKPOINT_FORMAT,
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle, zip and torch errors all mean: not a readable checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != expected_format:
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if (expected_format.startswith(CHECKPOINT_FORMAT_PREFIX) and isinstance(found, str)
+            and found.startswith(CHECKPOINT_FORMAT_PREFIX) and found != expected_format):
+        raise UserError(f"{path} is an OPSO checkpoint of an older format ({found}; this code reads "
+                        f"{expected_format}): retrain it, or read it with commit 04831cc or earlier")
+    if found != expected_format:
         raise UserError(f"{path} is not an {kind}" if kind[0].lower() in "aeiou" else f"{path} is not a {kind}")
     return checkpoint
 

@@ -20,7 +20,7 @@ from offline_agent import AgentConfig, DataSubgoals, OfflineAgent
 def per_step_ms(agent, mode, envs, steps, rng):
     goals = rng.normal(size=(envs, 2)).astype(np.float32)
     observations = rng.normal(size=(steps * 3, envs, 2)).astype(np.float32)
-    actor = agent.make_actor(goals, mode=mode)
+    actor = agent.make_actor(goals, context=mode)
     for t in range(agent.context_length):  # fill the context first: the steady state is what we time
         actor.act(observations[t % len(observations)])
     counter = iter(range(10**9))
@@ -52,7 +52,7 @@ def main():
     for size in args.bank_sizes:
         agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, subgoal_source="data", data_neighbors=args.neighbors,
                                          mamba_backend="torch"))
-        agent.subgoal_data = DataSubgoals(*rng.normal(size=(2, size, 2)))   # valued at k, as by default
+        agent.subgoal_data = DataSubgoals(*rng.normal(size=(2, size, 2)))
         start = time.perf_counter()
         agent.make_actor(rng.normal(size=(args.envs, 2)).astype(np.float32))
         table = time.perf_counter() - start

@@ -6,6 +6,7 @@ to the step limit and both modes do the same work.
 """
 import argparse
 import time
+import types
 
 import torch
 
@@ -27,16 +28,17 @@ def main():
     agent = OfflineAgent(AgentConfig(obs_dim=env.observation_space.shape[0], action_dim=env.action_space.shape[0],
                                      mamba_backend="torch"))
     env.close()
-    common = dict(progress=False, acting=args.acting, max_episode_steps=args.max_steps)
+    policy = types.SimpleNamespace(make_actor=lambda goals: agent.make_actor(goals, context=args.acting))
+    common = dict(progress=False, max_episode_steps=args.max_steps)
 
     start = time.perf_counter()
-    batched = evaluate(agent, args.dataset, args.episodes, **common)
+    batched = evaluate(policy, args.dataset, args.episodes, **common)
     batched_rate = batched["env_steps"] / (time.perf_counter() - start)
 
     start, steps = time.perf_counter(), 0
     for task in range(1, NUM_EVAL_TASKS + 1):
         for episode in range(args.episodes):
-            steps += evaluate(agent, args.dataset, 1, seed=episode, tasks=[task], **common)["env_steps"]
+            steps += evaluate(policy, args.dataset, 1, seed=episode, tasks=[task], **common)["env_steps"]
     sequential_rate = steps / (time.perf_counter() - start)
     print(f"{args.dataset}, {NUM_EVAL_TASKS} tasks x {args.episodes} episodes x {args.max_steps} steps, "
           f"acting {args.acting}")

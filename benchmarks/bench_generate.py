@@ -12,7 +12,7 @@ from ogbench_utils import generate
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="pointmaze-medium-navigate-v0", help="pointmaze dataset to generate")
+    parser.add_argument("--dataset", default="pointmaze-medium-navigate-v0", help="dataset to generate (antmaze: with the shipped expert)")
     parser.add_argument("--episodes", type=int, default=50, help="training episodes (+10%% validation)")
     parser.add_argument("--max_steps", type=int, default=None, help="steps per episode (default: the recipe's)")
     args = parser.parse_args()

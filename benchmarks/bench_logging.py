@@ -19,9 +19,9 @@ from tqdm import tqdm
 from bench_update import synthetic_maze_data
 from common import machine_line
 from offline_agent import AgentConfig, OfflineAgent
-from offline_trainer import CURVE_PANELS, LOSS_COLUMNS, average, check_finite
-from ogbench_utils import sampler_for
-from utils import CSVLogger, plot_curves, save_checkpoint
+from offline_trainer import CURVE_PANELS, LOSS_COLUMNS
+from ogbench_utils import WindowSampler
+from utils import CSVLogger, average, check_finite, plot_curves, save_checkpoint
 
 
 def run_epochs(agent, sampler, args, out_dir=None):
@@ -38,7 +38,8 @@ def run_epochs(agent, sampler, args, out_dir=None):
                 if len(infos) % 10 == 1:
                     bar.set_postfix({k.split("/")[0]: f"{infos[-1][k]:.3f}" for k in LOSS_COLUMNS[:6]})
         if out_dir:
-            logger.log({"epoch": epoch, **{k: average(infos)[k] for k in LOSS_COLUMNS}})
+            means = average(infos)
+            logger.log({"epoch": epoch, **{k: means[k] for k in LOSS_COLUMNS if k in means}})
             save_checkpoint(agent.state_dict(), os.path.join(out_dir, "last_model.pth"))
             plot_curves(logger.path, os.path.join(out_dir, "training_curves.png"), "epoch", CURVE_PANELS)
     return time.perf_counter() - start
@@ -58,7 +59,7 @@ def main():
     data = synthetic_maze_data()
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = sampler_for(agent.config, data)
+    sampler = WindowSampler(data, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount)
     for _ in range(3):
         agent.update(sampler.sample(args.batch_size))
     bare, logged = [], []

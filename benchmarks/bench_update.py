@@ -1,7 +1,6 @@
 """Offline update throughput: one full OPSO update (encoder, all heads, all losses, Adam step) on
-batch_size windows x context_length steps, in transitions per second; one critic step (critic and value on
-single-observation latents, `--critic_steps` of them follow each update), on the same windows and on as many
-independent transitions; then a profile of where the time goes.
+batch_size windows x context_length steps, in transitions per second, and a training step with its
+`--critic_steps` critic and value steps on single-observation latents; then a profile of where the time goes.
 
     python benchmarks/bench_update.py [--batch_size 16 --context_length 100 --repeats 10 --profile]
 """
@@ -12,7 +11,7 @@ import torch
 
 from common import machine_line, median_seconds
 from offline_agent import AgentConfig, OfflineAgent
-from ogbench_utils import Trajectories, sampler_for
+from ogbench_utils import Trajectories, WindowSampler
 
 
 def synthetic_maze_data(num_trajectories=50, length=1001, seed=0):
@@ -23,6 +22,18 @@ def synthetic_maze_data(num_trajectories=50, length=1001, seed=0):
     terminals = np.zeros(num_trajectories * length, bool)
     terminals[length - 1::length] = True
     return Trajectories.from_terminals(obs, actions, terminals)
+
+
+def update_timings(agent, sampler, batch_size, repeats, timer=median_seconds, device="cpu"):
+    """(seconds of an update alone, seconds of a training step: the update and its critic steps), medians."""
+    batches = [sampler.sample(batch_size, device) for _ in range(4 * (1 + agent.config.critic_steps))]
+    counter = iter(range(10**9))
+
+    def training_step(critic_steps):
+        first = (next(counter) % 4) * (1 + agent.config.critic_steps)
+        agent.update(batches[first], batches[first + 1:first + 1 + critic_steps])
+    return (timer(lambda: training_step(0), repeats),
+            timer(lambda: training_step(agent.config.critic_steps), repeats))
 
 
 def main():
@@ -40,29 +51,21 @@ def main():
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, context_length=args.context_length,
                                      mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = sampler_for(agent.config, data)
-    batches = [sampler.sample(args.batch_size) for _ in range(4)]
-    counter = iter(range(10**9))
-    seconds = median_seconds(lambda: agent.update(batches[next(counter) % 4]), args.repeats)
+    c = agent.config
+    sampler = WindowSampler(data, c.context_length, c.subgoal_steps, c.discount)
+    seconds, step_seconds = update_timings(agent, sampler, args.batch_size, args.repeats)
     transitions = args.batch_size * args.context_length
     sample_seconds = median_seconds(lambda: sampler.sample(args.batch_size), args.repeats)
-    critic_seconds = median_seconds(lambda: agent.critic_update(batches[next(counter) % 4]), args.repeats)
-    transition_batches = [sampler.sample_transitions(transitions) for _ in range(4)]
-    transition_critic_seconds = median_seconds(lambda: agent.critic_update(transition_batches[next(counter) % 4]),
-                                               args.repeats)
-    transition_sample_seconds = median_seconds(lambda: sampler.sample_transitions(transitions), args.repeats)
     print(f"update: {args.batch_size} windows x {args.context_length} steps = {transitions} transitions, "
           f"median {seconds * 1000:.1f} ms -> {transitions / seconds:,.0f} transitions/s "
           f"(sampling a batch: {sample_seconds * 1000:.2f} ms)")
-    print(f"critic step on the same batch: median {critic_seconds * 1000:.1f} ms; a training step with the default "
-          f"{agent.config.critic_steps} critic step(s): {(seconds + agent.config.critic_steps * critic_seconds) * 1000:.1f} ms")
-    print(f"critic step on {transitions} independent transitions (--critic_batch transitions): median "
-          f"{transition_critic_seconds * 1000:.1f} ms (sampling them: {transition_sample_seconds * 1000:.2f} ms)")
+    print(f"training step with the default {c.critic_steps} critic step(s): median {step_seconds * 1000:.1f} ms "
+          f"(a critic step: ~{(step_seconds - seconds) * 1000 / max(1, c.critic_steps):.1f} ms)")
     if args.profile:
         from torch.profiler import profile
         with profile() as prof:
-            for i in range(3):
-                agent.update(batches[i])
+            for _ in range(3):
+                agent.update(sampler.sample(args.batch_size))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

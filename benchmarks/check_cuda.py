@@ -16,11 +16,10 @@ import sys
 import torch
 
 from common import machine_line, median_seconds
-from bench_update import synthetic_maze_data
-from model import EncoderConfig, MambaEncoder, cuda_mamba_available
+from bench_update import synthetic_maze_data, update_timings
+from model import EncoderConfig, MambaEncoder, cuda_mamba_available, randomized_block, reference_mamba
 from offline_agent import AgentConfig, OfflineAgent
-from ogbench_utils import sampler_for
-from tests.test_model import randomized_block, reference_mamba
+from ogbench_utils import WindowSampler
 
 TOLERANCE = 1e-4   # relative error, as in the CPU tests
 
@@ -137,15 +136,15 @@ def time_update(builders, device, repeats, batch_sizes):
             agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, mamba_backend="cuda" if name == "mamba_ssm"
                                              else "torch"), device=device)
             agent.set_normalization(data.observations)
-            sampler = sampler_for(agent.config, data)
-            batches = [sampler.sample(batch_size, device) for _ in range(4)]
-            counter = iter(range(10**9))
-            update = synced_median_ms(lambda: agent.update(batches[next(counter) % 4]), repeats, device)
-            critic = synced_median_ms(lambda: agent.critic_update(batches[next(counter) % 4]), repeats, device)
+            c = agent.config
+            sampler = WindowSampler(data, c.context_length, c.subgoal_steps, c.discount)
+            update, step = update_timings(agent, sampler, batch_size, repeats,
+                                          lambda fn, r: synced_median_ms(fn, r, device), device)
+            critic = step - update
             transitions = batch_size * agent.context_length
             print(f"  {name:9s} batch {batch_size:4d} windows: update {update:7.1f} "
                   f"({transitions / update * 1000:,.0f} transitions/s), critic step {critic:6.1f}, "
-                  f"training step {update + critic:7.1f}", flush=True)
+                  f"training step {step:7.1f}", flush=True)
 
 
 def main():

@@ -22,9 +22,8 @@ def run_summary(run_dir):
             wall = columns["time/elapsed_s"][-1]
             tasks = [columns[f"eval/task{i}_success"][evaluated][-1] for i in range(1, 6)
                      if f"eval/task{i}_success" in columns]
-            proposer_steps = columns["proposer_steps"][-1] if "proposer_steps" in columns else 0
             return dict(run=run_dir, first=success[0], final=success[-1], rows=len(columns["eval/success"]),
-                        wall_min=wall / 60, step=columns["step"][-1], proposer_steps=proposer_steps, tasks=tasks)
+                        wall_min=wall / 60, step=columns["step"][-1], tasks=tasks)
     raise SystemExit(f"no metrics file in {run_dir}")
 
 
@@ -35,9 +34,7 @@ def main():
     rows = [run_summary(r) for r in args.runs]
     for r in rows:
         print(f"{r['run']}: first evaluation {r['first']:.3f}, final evaluation {r['final']:.3f}, "
-              f"{int(r['step'])} updates"
-              + (f" + {int(r['proposer_steps'])} proposer steps" if r["proposer_steps"] else "")
-              + f", {r['wall_min']:.1f} min"
+              f"{int(r['step'])} updates, {r['wall_min']:.1f} min"
               + (f"; tasks 1-5: {' '.join(f'{t:.2f}' for t in r['tasks'])}" if r["tasks"] else ""))
     final = np.array([r["final"] for r in rows])
     first = np.array([r["first"] for r in rows])

@@ -13,6 +13,11 @@ from utils import UserError
 from conftest import TINY_DATASET
 
 
+def index_of(observations):
+    """The dataset index of each observation of `synthetic` data (observation i is i)."""
+    return np.asarray(observations)[..., 0].astype(np.int64)
+
+
 def synthetic(lengths, obs_dim=3):
     total = sum(lengths)
     terminals = np.zeros(total, bool)
@@ -69,7 +74,7 @@ def test_windows_never_cross_a_trajectory_boundary():
     sampler = WindowSampler(data, context_length=12, subgoal_steps=5, discount=0.99, seed=0)
     for _ in range(20):
         batch = sampler.sample(64)
-        idx = batch["indices"].numpy()
+        idx = index_of(batch["observations"])
         ends = data.traj_ends[idx]
         assert np.all(ends == ends[:, :1])                            # one trajectory per window
         assert np.all(np.diff(idx, axis=1) == 1)                       # consecutive steps
@@ -80,20 +85,6 @@ def test_windows_never_cross_a_trajectory_boundary():
         assert np.all(((future - idx) == 5) | (future == ends) | ~valid)
 
 
-def test_transitions_are_single_valid_steps_with_their_subgoal_k_ahead_in_the_same_trajectory():
-    data = synthetic([30, 4, 50, 25])
-    sampler = WindowSampler(data, context_length=12, subgoal_steps=5, discount=0.99, seed=0)
-    batch = sampler.sample_transitions(4000)
-    idx, valid = batch["indices"].numpy(), batch["future_valid"].numpy()
-    assert idx.shape == (4000, 6) and not valid[:, 1:].any()
-    start, future = idx[:, 0], np.take_along_axis(idx, batch["future_offset"].numpy()[:, :1], axis=1)[:, 0]
-    ends = data.traj_ends[start]
-    assert np.all(future[valid[:, 0]] == np.minimum(start + 5, ends)[valid[:, 0]])
-    assert np.all(batch["observations"].numpy()[:, 0, 0] == start)   # observation i is i
-    assert len(np.unique(start)) > 60     # independent steps spread over the data, short trajectory included
-    assert np.any(data.traj_ends[start] == 33)
-
-
 def test_short_trajectories_give_padded_windows_marked_invalid():
     data = synthetic([8, 6, 30])
     sampler = WindowSampler(data, context_length=10, subgoal_steps=3, discount=0.99, seed=0)
@@ -102,7 +93,7 @@ def test_short_trajectories_give_padded_windows_marked_invalid():
         assert batch["observations"].shape == (32, 10, 3)
         lengths = batch["step_valid"].sum(1)
         assert set(lengths) <= {8, 6, 10}
-        ends = data.traj_ends[batch["indices"]]
+        ends = data.traj_ends[index_of(batch["observations"])]
         assert np.all(ends == ends[:, :1])
         assert not np.any(batch["future_valid"] & ~batch["step_valid"])
         assert not np.any(batch["next_valid"] & ~batch["step_valid"])
@@ -118,8 +109,8 @@ def test_goal_relabelling_frequencies_match_ogbench():
     idx, goals = [], []
     for _ in range(40):
         batch = sampler.sample(128)
-        idx.append(batch["indices"].numpy().ravel())
-        goals.append(batch["value_goal_indices"].numpy().ravel())
+        idx.append(index_of(batch["observations"]).ravel())
+        goals.append(index_of(batch["value_goals"]).ravel())
     idx, goals = np.concatenate(idx), np.concatenate(goals)
     same_future = (data.traj_ends[goals] == data.traj_ends[idx]) & (goals > idx)
     n = len(idx)
@@ -134,18 +125,18 @@ def test_goal_relabelling_frequencies_match_ogbench():
 def test_rewards_and_masks_follow_the_convention():
     sampler = WindowSampler(synthetic([40, 40]), context_length=10, subgoal_steps=4, discount=0.9, seed=3)
     batch = {k: v.numpy() for k, v in sampler.sample(256).items()}
-    success = batch["value_goal_indices"] == batch["indices"]
+    success = index_of(batch["value_goals"]) == index_of(batch["observations"])
+    assert success.any() and not success.all()
     assert np.array_equal(batch["successes"], success)
     assert np.array_equal(batch["rewards"], success - 1.0)
-    assert np.array_equal(batch["masks"], 1.0 - success)
-    np.testing.assert_array_equal(batch["value_goals"][..., 0], batch["value_goal_indices"])
 
 
 def test_kstep_return_stops_at_the_goal():
     sampler = WindowSampler(synthetic([40]), context_length=10, subgoal_steps=4, discount=0.9, seed=0)
     batch = {k: v.numpy() for k, v in sampler.sample(512).items()}
-    to_goal = batch["value_goal_indices"] - batch["indices"]
-    ahead = np.take_along_axis(batch["indices"], batch["future_offset"], 1) - batch["indices"]
+    idx = index_of(batch["observations"])
+    to_goal = index_of(batch["value_goals"]) - idx
+    ahead = np.take_along_axis(idx, batch["future_offset"], 1) - idx
     for case, steps, mask in [(to_goal == 0, 0, 0.0), (to_goal == 2, 2, 0.0)]:
         rows = case & (ahead == 4)
         assert rows.any()
@@ -157,46 +148,31 @@ def test_kstep_return_stops_at_the_goal():
     np.testing.assert_allclose(batch["kstep_discounts"], 0.9 ** ahead, rtol=1e-6)
 
 
-def test_hindsight_return_is_the_data_paths_return_to_a_goal_ahead():
-    data = synthetic([40, 40])
-    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=0).sample(512).items()}
-    goal, idx = batch["value_goal_indices"], batch["indices"]
-    ahead = (goal >= idx) & (goal <= data.traj_ends[idx])
-    assert ahead.any() and (~ahead).any()
-    np.testing.assert_allclose(batch["hindsight_returns"][ahead], -(1 - 0.9 ** (goal - idx)[ahead]) / 0.1, rtol=1e-5)
-    np.testing.assert_allclose(batch["hindsight_returns"][~ahead], -1 / 0.1, rtol=1e-6)
-    # never above what the k-step return can still reach: the bound is achievable, not optimistic
-    assert np.all(batch["hindsight_returns"] <= batch["kstep_returns"] + 1e-5)
-
-
 def test_actor_goals_are_future_states_of_the_same_trajectory():
     data = synthetic([30, 30, 30])
     batch = WindowSampler(data, 10, 3, 0.99, seed=0).sample(128)
-    idx = batch["indices"].numpy()
+    idx = index_of(batch["observations"])
     goal_idx = batch["actor_goals"].numpy()[..., 0].astype(int)
     ends = data.traj_ends[idx]
     assert np.all((goal_idx >= np.minimum(idx + 1, ends)) & (goal_idx <= ends))
 
 
-def test_inverse_subgoals_lie_1_to_k_steps_ahead_and_leave_the_other_draws_alone():
+def test_inverse_subgoals_lie_1_to_k_steps_ahead_in_the_same_trajectory():
     data = synthetic([40, 40])
-    plain = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=2).sample(256).items()}
-    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=2, inverse_subgoals=True).sample(256).items()}
-    assert "inverse_offset" not in plain
-    for key in plain:
-        np.testing.assert_array_equal(batch[key], plain[key])
-    ahead = np.take_along_axis(batch["indices"], batch["inverse_offset"], 1) - batch["indices"]
+    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 4, 0.9, seed=2).sample(256).items()}
+    idx = index_of(batch["observations"])
+    inverse = np.take_along_axis(idx, batch["inverse_offset"], 1)
     valid = batch["future_valid"]
-    assert np.all((ahead[valid] >= 1) & (ahead[valid] <= 4))
-    assert len(np.unique(ahead[valid])) == 4
-    traj = np.searchsorted(data.traj_ends, batch["indices"])
-    assert np.array_equal(np.searchsorted(data.traj_ends, np.take_along_axis(batch["indices"], batch["inverse_offset"], 1)), traj)
+    assert np.all((inverse - idx)[valid] >= 1) and np.all((inverse - idx)[valid] <= 4)
+    assert len(np.unique((inverse - idx)[valid])) == 4
+    assert np.array_equal(data.traj_ends[inverse], data.traj_ends[idx])
 
 
 def test_actor_kstep_return_stops_at_the_actor_goal():
     batch = {k: v.numpy() for k, v in WindowSampler(synthetic([40]), 10, 4, 0.9, seed=1).sample(512).items()}
-    to_goal = batch["actor_goals"][..., 0].astype(int) - batch["indices"]
-    ahead = np.take_along_axis(batch["indices"], batch["future_offset"], 1) - batch["indices"]
+    idx = index_of(batch["observations"])
+    to_goal = index_of(batch["actor_goals"]) - idx
+    ahead = np.take_along_axis(idx, batch["future_offset"], 1) - idx
     near, far = (to_goal < ahead), (to_goal >= ahead) & (ahead > 0)
     assert near.any() and far.any()
     np.testing.assert_allclose(batch["actor_kstep_returns"][near], -(1 - 0.9 ** to_goal[near]) / 0.1, rtol=1e-5)

@@ -3,52 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import EncoderConfig, MambaEncoder, TorchMamba, make_mamba, selective_scan
+from model import EncoderConfig, MambaEncoder, TorchMamba, make_mamba, randomized_block, reference_mamba, selective_scan
 
 MAMBA_PARAMETER_SHAPES = {  # mamba_ssm.Mamba(d_model=32) with its defaults
     "in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4), "conv1d.bias": (64,),
     "x_proj.weight": (2 + 32, 64), "dt_proj.weight": (64, 2), "dt_proj.bias": (64,),
     "A_log": (64, 16), "D": (64,), "out_proj.weight": (32, 64),
 }
-
-
-def reference_mamba(block, hidden):
-    """Mamba's forward written time step by time step in float64: the specification."""
-    p = {k: v.detach().double() for k, v in block.state_dict().items()}
-    hidden = hidden.double()
-    batch, length, _ = hidden.shape
-    d_inner, d_state, d_conv = block.d_inner, block.d_state, block.d_conv
-    xz = hidden @ p["in_proj.weight"].T
-    x, z = xz[..., :d_inner], xz[..., d_inner:]
-    weight = p["conv1d.weight"][:, 0, :]
-    A = -torch.exp(p["A_log"])
-    h = torch.zeros(batch, d_inner, d_state, dtype=torch.float64)
-    outputs = []
-    for t in range(length):
-        conv = p["conv1d.bias"].clone().expand(batch, d_inner).clone()
-        for j in range(d_conv):
-            src = t - (d_conv - 1) + j
-            if src >= 0:
-                conv = conv + weight[:, j] * x[:, src]
-        xc = F.silu(conv)
-        x_dbl = xc @ p["x_proj.weight"].T
-        dt_low, B, C = x_dbl.split([block.dt_rank, d_state, d_state], dim=-1)
-        dt = F.softplus(dt_low @ p["dt_proj.weight"].T + p["dt_proj.bias"])
-        h = torch.exp(dt[..., None] * A) * h + (dt * xc)[..., None] * B[:, None, :]
-        y = (h * C[:, None, :]).sum(-1) + p["D"] * xc
-        y = y * F.silu(z[:, t])
-        outputs.append(y @ p["out_proj.weight"].T)
-    return torch.stack(outputs, dim=1)
-
-
-def randomized_block(d_model=32, seed=0):
-    torch.manual_seed(seed)
-    block = TorchMamba(d_model)
-    with torch.no_grad():  # move away from the init so every path is exercised
-        block.A_log.add_(0.3 * torch.randn_like(block.A_log))
-        block.D.add_(0.5 * torch.randn_like(block.D))
-        block.dt_proj.bias.add_(torch.randn_like(block.dt_proj.bias))
-    return block
 
 
 @pytest.mark.parametrize("length", [1, 3, 17, 64])

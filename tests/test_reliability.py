@@ -120,8 +120,8 @@ def test_non_finite_loss_stops_with_the_loss_and_step(tiny_dataset_dir, tmp_path
     from offline_agent import OfflineAgent
     update = OfflineAgent.update
 
-    def poisoned(self, batch):
-        info = update(self, batch)
+    def poisoned(self, *args):
+        info = update(self, *args)
         if self.step == 5:
             info["critic/loss"] = float("nan")
         return info

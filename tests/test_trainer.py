@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import offline_trainer
-import ogbench_utils
 from conftest import TINY_DATASET
 from utils import load_checkpoint, read_csv
 
@@ -74,78 +73,6 @@ def deterministic_run(tiny_dataset_dir, tmp_path_factory):
     return save_dir
 
 
-def test_acting_sweep_reproduces_the_final_evaluation_of_a_run(deterministic_run):
-    metrics = read_csv(deterministic_run / "metrics.csv")
-    tasks = " ".join(f"{metrics[f'eval/task{k}_success'][-1]:.2f}" for k in range(1, 6))
-    sweep = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(deterministic_run), "--eval_episodes",
-                            "1", "--settings", "", "num_interpolations=2"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
-    assert sweep.returncode == 0, sweep.stderr
-    own, interpolated = [line for line in sweep.stdout.splitlines() if line.startswith(" ")]
-    assert f"{metrics['eval/success'][-1]:.3f} (tasks {tasks})" in own
-    assert "num_interpolations=2" in interpolated
-    bad = subprocess.run([sys.executable, "benchmarks/acting_sweep.py", str(deterministic_run), "--settings", "beta=3"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "'beta' is not an acting setting" in bad.stderr
-
-
-def test_proposer_finetune_cli_evaluates_before_and_after(deterministic_run):
-    cli = subprocess.run([sys.executable, "benchmarks/proposer_finetune.py", str(deterministic_run), "--steps", "2",
-                          "--eval_at", "0,2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
-    assert "after 0 proposer steps" in cli.stdout and "after 2 proposer steps" in cli.stdout
-
-
-def test_data_subgoals_cli_ranks_by_value_or_q(deterministic_run):
-    """Both scorings run on a finished run (all its 48 kept states are neighbours here)."""
-    for extra, expected in ((["--score", "value"], "success "), (["--score", "q", "--with_proposal"], "success ")):
-        cli = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--neighbors", "64",
-                              "--eval_episodes", "1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stderr
-        assert "data subgoals (64 neighbours, stride 5" in cli.stdout and expected in cli.stdout
-    bad = subprocess.run([sys.executable, "benchmarks/data_subgoals.py", str(deterministic_run), "--with_proposal"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "pass --score q" in bad.stderr
-
-
-def test_proposer_phase_ends_the_time_budget_with_proposer_only_epochs(tiny_dataset_dir, tmp_path):
-    save_dir = tmp_path / "run"
-    budget_min, phase_min = 0.06, 0.03
-    schedule = ["--num_epochs", "10000", "--updates_per_epoch", "20", "--eval_every", "10000",
-                "--time_budget", str(budget_min), "--proposer_phase", str(phase_min)]
-    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir)] + schedule)
-    m = read_csv(save_dir / "metrics.csv")
-    joint = np.isfinite(m["critic/loss"])
-    first_phase = int(np.argmin(joint))
-    assert joint[0] and not joint[-1] and joint[:first_phase].all() and not joint[first_phase:].any()
-    # an epoch is proposer-only once the time before it reached budget - phase, and the run stops at the budget
-    elapsed_before = np.concatenate([[0.0], m["time/elapsed_s"][:-1]])
-    assert (elapsed_before[first_phase:] >= (budget_min - phase_min) * 60).all()
-    assert (elapsed_before[:first_phase] < (budget_min - phase_min) * 60).all()
-    assert m["time/elapsed_s"][-1] >= budget_min * 60 and elapsed_before[-1] < budget_min * 60
-    assert (m["step"][first_phase:] == m["step"][first_phase - 1]).all()          # no joint update in the phase
-    assert list(m["proposer_steps"][first_phase:]) == [20 * (i + 1) for i in range(len(m["step"]) - first_phase)]
-    assert np.isfinite(m["proposer/loss"]).all() and np.isfinite(m["eval/success"][-1])
-    checkpoint = load_checkpoint(save_dir / "last_model.pth")
-    assert checkpoint["proposer_steps"] == m["proposer_steps"][-1]
-    summary = subprocess.run([sys.executable, "benchmarks/summarize.py", str(save_dir)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60).stdout
-    assert f"{int(m['step'][-1])} updates + {int(m['proposer_steps'][-1])} proposer steps" in summary
-    # resuming a spent budget runs one more proposer-only epoch and carries the count on
-    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir), "--resume"]
-                         + schedule)
-    resumed = read_csv(save_dir / "metrics.csv")
-    assert len(resumed["epoch"]) == len(m["epoch"]) + 1 and resumed["proposer_steps"][-1] == m["proposer_steps"][-1] + 20
-    assert resumed["step"][-1] == m["step"][-1]
-
-
-def test_proposer_phase_needs_a_longer_time_budget():
-    for extra in (["--proposer_phase", "1"], ["--proposer_phase", "2", "--time_budget", "2"]):
-        result = run_cli(*extra)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.startswith("error: --proposer_phase") and "--time_budget" in result.stderr
-
-
 def test_evaluation_is_reproducible_and_leaves_the_callers_torch_stream_alone(deterministic_run):
     from offline_agent import OfflineAgent
     from ogbench_utils import evaluate
@@ -169,9 +96,23 @@ def test_a_run_acting_with_data_subgoals_evaluates_and_keeps_the_setting(tiny_da
     assert (config["subgoal_source"], config["data_neighbors"]) == ("data", 8)
     evaluate = ["evaluate", str(save_dir / "last_model.pth"), "--dataset", TINY_DATASET, "--eval_episodes", "1",
                 "--max_episode_steps", "60"]
-    with_data = ogbench_utils.main(evaluate)   # the run's dataset, found through the checkpoint's run_config
-    with_proposer = ogbench_utils.main(evaluate + ["--subgoal_source", "proposer"])
-    with_switch = ogbench_utils.main(evaluate + ["--subgoal_source", "switch", "--stall_steps", "5"])
+    with_data = offline_trainer.main(evaluate)   # the run's dataset, found through the checkpoint's run_config
+    with_proposer = offline_trainer.main(evaluate + ["--subgoal_source", "proposer"])
+    with_switch = offline_trainer.main(evaluate + ["--subgoal_source", "switch", "--stall_steps", "5"])
     assert max(r["env_steps"] for r in (with_data, with_proposer, with_switch)) <= 5 * 60   # 5 tasks, one episode each
     assert "subgoal_source" not in with_data and with_proposer["subgoal_source"] == "proposer"
     assert (with_switch["subgoal_source"], with_switch["stall_steps"]) == ("switch", 5)
+
+
+def test_the_flags_are_the_config_fields_and_evaluate_takes_the_acting_ones():
+    from offline_agent import AgentConfig
+    from utils import config_from_args, field_names
+    train_help = offline_trainer.build_parser().format_help()
+    assert all(f"--{name}" in train_help for name in field_names(AgentConfig) + field_names(offline_trainer.OfflineRunConfig))
+    evaluate_help = offline_trainer.build_evaluate_parser().format_help()
+    assert all(f"--{name}" in evaluate_help for name in field_names(AgentConfig, "acting"))
+    assert "--lr" not in evaluate_help and "--subgoal_steps" not in evaluate_help
+    defaults = offline_trainer.build_parser().parse_args([])
+    assert config_from_args(AgentConfig, defaults, obs_dim=2, action_dim=2) == AgentConfig(obs_dim=2, action_dim=2)
+    overrides = offline_trainer.build_evaluate_parser().parse_args(["x.pth", "--dataset", TINY_DATASET])
+    assert all(getattr(overrides, name) is None for name in field_names(AgentConfig, "acting"))

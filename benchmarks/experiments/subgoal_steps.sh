@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # k = subgoal_steps: k=25 (HIQL's choice for these mazes) against k=1 (the literal Q(s, s')), same budget.
-#   bash benchmarks/subgoal_steps.sh [minutes] [seed]
+#   bash benchmarks/experiments/subgoal_steps.sh [minutes] [seed]
 # Both runs go side by side, one thread each, on pointmaze-medium-navigate-v0 (generated locally).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 minutes=${1:-25}
 seed=${2:-0}
 dataset=pointmaze-medium-navigate-v0

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One offline run of a variant on pointmaze-medium-navigate-v0 (generated locally), for ablations:
-#   bash benchmarks/offline_variant.sh <name> <minutes> <seed> [offline_trainer.py flags ...]
-# e.g. bash benchmarks/offline_variant.sh beta1 20 0 --beta 1
+#   bash benchmarks/experiments/offline_variant.sh <name> <minutes> <seed> [offline_trainer.py flags ...]
+# e.g. bash benchmarks/experiments/offline_variant.sh beta1 20 0 --beta 1
 # One thread, so two variants can run side by side on 2 cores; final greedy evaluation of 5 tasks x 10
 # episodes; outputs in runs/exp/<name>, log in runs/exp/<name>.log, summary line at the end.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 name=$1; minutes=$2; seed=$3; shift 3
 dataset=pointmaze-medium-navigate-v0
 [ -f datasets/generated/${dataset}.npz ] || python ogbench_utils.py generate ${dataset}
