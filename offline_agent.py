@@ -26,14 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from model import MAMBA_BACKENDS, EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
-from utils import (CHECKPOINT_FORMAT, UserError, flag, non_negative_float, non_negative_int, positive_float,
-                   positive_int, unit_float)
+from utils import (CHECKPOINT_FORMAT, UserError, context_int, discount_float, flag, non_negative_float,
+                   non_negative_int, positive_float, positive_int, unit_float)
 
 MAX_ADVANTAGE_WEIGHT = 100.0   # AWR weights exp(beta * A) are clipped here (OGBench's choice)
 GRAD_CLIP_NORM = 10.0
 INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
 INFONCE_TEMPERATURE = 0.1
 SUBGOAL_SOURCES = ("proposer", "data", "switch")
+CHECKPOINT_KEYS = ("agent_config", "step", "encoder", "heads", "targets", "optimizer")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class AgentConfig:
     obs_dim: int
     action_dim: int
     # model
-    context_length: int = flag(100, "observations per window (encoder context L)", positive_int, group="model")
+    context_length: int = flag(100, "observations per window (encoder context L)", context_int, group="model")
     d_model: int = flag(128, "Mamba width", positive_int, group="model")
     n_layers: int = flag(2, "Mamba blocks", positive_int, group="model")
     latent_dim: int = flag(64, "size of the latent z", positive_int, group="model")
@@ -54,7 +55,7 @@ class AgentConfig:
     subgoal_steps: int = flag(25, "k: the subgoal z' is the state k steps ahead (README: why 25)", positive_int,
                               group="training")
     lr: float = flag(3e-4, "Adam learning rate", positive_float, group="training")
-    discount: float = flag(0.99, "discount gamma", unit_float, group="training")
+    discount: float = flag(0.99, "discount gamma", discount_float, group="training")
     expectile: float = flag(0.9, "expectile of the value loss", unit_float, group="training")
     beta: float = flag(3.0, "inverse temperature of the proposer's advantage weights", non_negative_float,
                        group="training")
@@ -88,11 +89,17 @@ class AgentConfig:
                                group="acting")
 
     def __post_init__(self):
+        """The constraints between fields (each field's own range is its flag's type)."""
         if self.subgoal_source not in SUBGOAL_SOURCES:
-            raise ValueError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {self.subgoal_source!r}")
+            raise UserError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {self.subgoal_source!r}")
         if self.stall_steps < 1 or not self.stall_radius > 0:
-            raise ValueError(f"stall_steps must be >= 1 and stall_radius > 0, got {self.stall_steps} and "
-                             f"{self.stall_radius}")
+            raise UserError(f"stall_steps must be >= 1 and stall_radius > 0, got {self.stall_steps} and "
+                            f"{self.stall_radius}")
+        if not 1 <= self.subgoal_steps < self.context_length:
+            raise UserError(f"--subgoal_steps ({self.subgoal_steps}) must be smaller than --context_length "
+                            f"({self.context_length}): the subgoal lies inside the window")
+        if not 0.0 <= self.discount < 1.0:
+            raise UserError(f"--discount must be in [0, 1), got {self.discount}")
 
     @property
     def acts_with_data(self):
@@ -176,6 +183,12 @@ class OfflineAgent:
 
     def parameters(self):
         return list(self.encoder.parameters()) + list(self.heads.parameters())
+
+    def named_weights(self):
+        """Every tensor a checkpoint holds for the networks (encoder, heads, targets), by name."""
+        for prefix, module in (("encoder", self.encoder), ("heads", self.heads), ("targets", self.targets)):
+            for name, tensor in module.state_dict().items():
+                yield f"{prefix}.{name}", tensor
 
     def set_normalization(self, observations):
         """Observation mean/std of the dataset, kept in the encoder's buffers (and so in checkpoints)."""
@@ -402,10 +415,15 @@ class OfflineAgent:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
+        """The agent a checkpoint holds (a dict from `utils.load_checkpoint(path, required=CHECKPOINT_KEYS)`)."""
         known = {f.name for f in fields(AgentConfig)}
         config = {k: v for k, v in dict(checkpoint["agent_config"], **overrides).items() if k in known}
         agent = cls(AgentConfig(**config), device=device)
-        agent.load_state_dict(checkpoint)
+        try:
+            agent.load_state_dict(checkpoint)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise UserError(f"the checkpoint's weights do not match its own config ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200]})") from None
         return agent
 
     def check_env_sizes(self, obs_dim, action_dim, source="the checkpoint"):

@@ -23,13 +23,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from offline_agent import AgentConfig, OfflineAgent
-from ogbench_utils import (DEFAULT_DATASET_DIR, NUM_EVAL_TASKS, WindowSampler, check_dataset_name, evaluate,
-                           load_datasets, make_env, read_provenance)
-from utils import (CSVLogger, RunConfig, add_flags, average, check_finite, config_from_args,
-                   exit_on_user_error, field_names, flag, load_checkpoint, non_negative_int,
-                   num_updates_per_epoch, plot_curves, positive_float,
-                   positive_int, prepare_save_dir, save_checkpoint, set_seed, setup_torch, write_json)
+from offline_agent import CHECKPOINT_KEYS, AgentConfig, OfflineAgent
+from ogbench_utils import (DEFAULT_DATASET_DIR, NUM_EVAL_TASKS, WindowSampler, check_dataset_name, env_name_of,
+                           env_sizes, evaluate, load_datasets, read_provenance)
+from utils import (CSVLogger, RunConfig, RunFolder, UserError, add_flags, average, check_finite, check_finite_actions, check_finite_weights,
+                   config_from_args, exit_on_user_error, explicit_flags, field_names, flag, load_checkpoint,
+                   non_negative_int, num_updates_per_epoch, plot_curves, positive_float, positive_int, resumed_flags,
+                   save_checkpoint, set_seed, setup_torch, write_json)
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
@@ -41,6 +41,11 @@ CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"])
                 ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
                 ("evaluation success", ["eval/success"])]
 RUN_FILES = ("metrics.csv", "last_model.pth", "best_model.pth", "config.json", "training_curves.png")
+RUN_KEYS = ("epoch", "best_success", "elapsed", "run_config", "rng_torch", "rng_sampler")
+# flags a resumed run may take anew; every other flag is the run's own (a differing one is refused)
+MAY_CHANGE_ON_RESUME = ("num_epochs", "time_budget", "eval_every", "device", "threads", "no_progress", "resume",
+                        "overwrite", "save_dir")
+SCAN_STATE_SIZE = 16   # d_state of the Mamba blocks
 
 
 @dataclass
@@ -69,11 +74,14 @@ def warn_if_smoke_data(dataset, dataset_dir):
         print(f"warning: {dataset} in {dataset_dir} is SMOKE data (random actions); results are not a benchmark")
 
 
-def env_sizes(dataset):
-    env = make_env(dataset)
-    sizes = env.observation_space.shape[0], env.action_space.shape[0]
-    env.close()
-    return sizes
+def check_batch_fits_in_memory(batch_size, config):
+    """The encoder's scan keeps (L, batch, 2 d_model, d_state) floats for its backward: refuse what cannot fit."""
+    needed = config.context_length * batch_size * 2 * config.d_model * SCAN_STATE_SIZE * 4 * config.n_layers
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available / 2:
+        raise UserError(f"--batch_size {batch_size} x --context_length {config.context_length} needs about "
+                        f"{needed / 2**30:.0f} GiB for the encoder's scan states alone; this machine has "
+                        f"{available / 2**30:.0f} GiB: use a smaller --batch_size")
 
 
 def draw_batches(sampler, agent, batch_size, device):
@@ -81,43 +89,67 @@ def draw_batches(sampler, agent, batch_size, device):
     return [sampler.sample(batch_size, device) for _ in range(1 + agent.config.critic_steps)]
 
 
+def parse_run(argv):
+    """The run's flags; with --resume, the run's own, with the flags that may change applied (one line refusing
+    any other that differs)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_dataset_name(args.dataset)
+    args.dataset_dir = os.path.abspath(os.path.expanduser(args.dataset_dir))   # resolvable from anywhere later
+    folder = RunFolder(args.save_dir, RUN_FILES, "last_model.pth")
+    folder.check(args.resume, args.overwrite)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(folder.path("last_model.pth"), required=CHECKPOINT_KEYS + RUN_KEYS)
+        given = explicit_flags(parser, argv)
+        if "dataset_dir" in given:
+            given["dataset_dir"] = args.dataset_dir
+        args = argparse.Namespace(**resumed_flags(checkpoint["run_config"], given, MAY_CHANGE_ON_RESUME))
+    return args, folder, checkpoint
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
         return evaluate_command(argv[1:])
-    args = build_parser().parse_args(argv)
+    args, folder, checkpoint = parse_run(argv)
     run = config_from_args(OfflineRunConfig, args)
     check_dataset_name(run.dataset)
     device = setup_torch(run.threads, run.device)
-    prepare_save_dir(run.save_dir, run.resume, run.overwrite, RUN_FILES)
     set_seed(run.seed)
     train, _ = load_datasets(run.dataset, run.dataset_dir, run.max_trajectories)
     warn_if_smoke_data(run.dataset, run.dataset_dir)
     obs_dim, action_dim = env_sizes(run.dataset)
-
-    last_path = os.path.join(run.save_dir, "last_model.pth")
-    if run.resume:
-        checkpoint = load_checkpoint(last_path, map_location=device)
+    if checkpoint is not None:
         agent = OfflineAgent.from_checkpoint(checkpoint, device=device)
-        agent.check_env_sizes(obs_dim, action_dim, source=last_path)
-        start_epoch, best_success, elapsed = checkpoint["epoch"] + 1, checkpoint["best_success"], checkpoint["elapsed"]
-        torch.set_rng_state(checkpoint["rng_torch"].cpu())
+        agent.check_env_sizes(obs_dim, action_dim, source=folder.path("last_model.pth"))
     else:
         agent = OfflineAgent(config_from_args(AgentConfig, args, obs_dim=obs_dim, action_dim=action_dim), device=device)
         agent.set_normalization(train.observations)
-        start_epoch, best_success, elapsed = 1, -math.inf, 0.0
+    check_batch_fits_in_memory(run.batch_size, agent.config)
     agent.set_subgoal_data(train)
-    write_json(os.path.join(run.save_dir, "config.json"), dict(vars(args), device=str(device)))
+    folder.open(run.resume)
+    try:
+        return train_offline(agent, train, run, args, folder, checkpoint, device)
+    except BaseException:
+        folder.restore()   # a replaced run comes back if this one failed before its first checkpoint
+        raise
 
+
+def train_offline(agent, train, run, args, folder, checkpoint, device):
+    write_json(folder.path("config.json"), dict(vars(args), device=str(device)))
     c = agent.config
     sampler = WindowSampler(train, c.context_length, c.subgoal_steps, c.discount, seed=run.seed)
-    if run.resume:
+    if checkpoint is not None:
+        start_epoch, best_success, elapsed = checkpoint["epoch"] + 1, checkpoint["best_success"], checkpoint["elapsed"]
+        torch.set_rng_state(checkpoint["rng_torch"].cpu())
         sampler.rng.bit_generator.state = checkpoint["rng_sampler"]
+    else:
+        start_epoch, best_success, elapsed = 1, -math.inf, 0.0
     if sampler.window_length < c.context_length:
         print(f"note: trajectories are shorter than --context_length; windows of {sampler.window_length} steps")
     updates = run.updates_per_epoch or num_updates_per_epoch(len(train), run.batch_size, c.context_length)
-    logger = CSVLogger(os.path.join(run.save_dir, "metrics.csv"), resume=run.resume,
-                       keep_rows_until=("epoch", start_epoch - 1))
+    logger = CSVLogger(folder.path("metrics.csv"), resume=run.resume, keep_rows_until=("epoch", start_epoch - 1))
     print(f"{run.dataset}: {train.num_trajectories} trajectories, {len(train)} transitions, "
           f"{updates} updates per epoch, device {device}")
 
@@ -131,6 +163,7 @@ def main(argv=None):
             check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
                 bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in infos[-1].items() if k in LOSS_COLUMNS[:7]})
+        check_finite_weights(agent.named_weights(), agent.step)   # before anything of this epoch is saved
         means = average(infos)
         row = {"epoch": epoch, "step": agent.step, **{k: means[k] for k in LOSS_COLUMNS if k in means}}
         elapsed += time.time() - epoch_start
@@ -141,17 +174,19 @@ def main(argv=None):
             eval_start = time.time()
             result = evaluate(agent, run.dataset, run.eval_episodes, seed=run.seed, progress=not run.no_progress,
                               max_episode_steps=run.max_episode_steps)
+            check_finite_actions(result, agent.step)
             if not last_epoch:
                 elapsed += time.time() - eval_start
             if result["success"] > best_success:
                 best_success = result["success"]
                 save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler),
-                                os.path.join(run.save_dir, "best_model.pth"))
+                                folder.path("best_model.pth"))
         row.update({f"eval/{k}": result.get(k, float("nan")) for k in EVAL_COLUMNS})
         row.update({"time/elapsed_s": elapsed, "time/epoch_s": time.time() - epoch_start})
         logger.log(row)  # before the checkpoint: a resume drops rows newer than its checkpoint
-        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler), last_path)
-        plot_curves(logger.path, os.path.join(run.save_dir, "training_curves.png"), "epoch", CURVE_PANELS,
+        save_checkpoint(checkpoint_dict(agent, epoch, best_success, elapsed, args, sampler), folder.path("last_model.pth"))
+        folder.committed()
+        plot_curves(logger.path, folder.path("training_curves.png"), "epoch", CURVE_PANELS,
                     title=f"OPSO offline: {run.dataset}")
         summary = (f"epoch {epoch}: critic {row['critic/loss']:.3f} value {row['value/loss']:.3f} "
                    f"infonce {row['infonce/loss']:.3f} inverse {row['inverse/loss']:.3f}")
@@ -208,16 +243,21 @@ def evaluate_command(argv):
     """Greedy evaluation of a saved agent; acting flags override the checkpoint's for this evaluation."""
     args = build_evaluate_parser().parse_args(argv)
     check_dataset_name(args.dataset)
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint, required=CHECKPOINT_KEYS)
     overrides = {k: getattr(args, k) for k in field_names(AgentConfig, "acting") if getattr(args, k) is not None}
     agent = OfflineAgent.from_checkpoint(checkpoint, **overrides)
     agent.check_env_sizes(*env_sizes(args.dataset), source=args.checkpoint)
+    trained_on = checkpoint.get("run_config", {}).get("dataset")
+    if trained_on and env_name_of(trained_on) != env_name_of(args.dataset):
+        print(f"warning: {args.checkpoint} was trained on {trained_on}, not in {env_name_of(args.dataset)}'s maze",
+              file=sys.stderr)
     set_run_subgoal_data(agent, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir, args.max_trajectories)
     set_seed(args.seed)
     policy = types.SimpleNamespace(make_actor=lambda goals: agent.make_actor(goals, context=args.acting))
     result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed, max_episode_steps=args.max_episode_steps)
     result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()},
+                     sort_keys=True, allow_nan=False))
     return result
 
 

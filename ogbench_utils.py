@@ -136,6 +136,9 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
     train_path, val_path = dataset_paths(name, dataset_dir)
     if not (os.path.exists(train_path) and os.path.exists(val_path)):
         _download_or_explain(name, dataset_dir)
+    obs_dim, action_dim = env_sizes(name)
+    for path in (train_path, val_path):
+        check_dataset_file(path, obs_dim, action_dim)
     try:
         train, val = ogbench.make_env_and_datasets(name, dataset_dir=os.path.expanduser(dataset_dir),
                                                    dataset_only=True, compact_dataset=True)
@@ -143,6 +146,42 @@ def load_datasets(name, dataset_dir=DEFAULT_DATASET_DIR, max_trajectories=None):
         raise UserError(f"dataset file {train_path} (or its -val file) is corrupt or incomplete "
                         f"({type(error).__name__}: {error}); delete it and download or generate it again") from None
     return tuple(_to_trajectories(d, max_trajectories) for d in (train, val))
+
+
+def env_sizes(name):
+    """(observation size, action size) of a dataset's environment."""
+    env = make_env(name)
+    sizes = env.observation_space.shape[0], env.action_space.shape[0]
+    env.close()
+    return sizes
+
+
+def check_dataset_file(path, obs_dim, action_dim):
+    """One line naming the file and the problem, before OGBench's loader meets it (it assumes a well-formed file)."""
+    def bad(problem):
+        return UserError(f"dataset file {path} {problem}; delete it and download or generate it again")
+    try:
+        with np.load(path) as raw:
+            columns = {k: raw[k] for k in ("observations", "actions", "terminals")}
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"dataset file {path} is corrupt or incomplete ({type(error).__name__}: {error}); delete it "
+                        "and download or generate it again") from None
+    observations, actions, terminals = columns["observations"], columns["actions"], columns["terminals"]
+    if observations.ndim != 2 or observations.shape[1] != obs_dim:
+        raise bad(f"has observations of shape {observations.shape}; the environment's are (steps, {obs_dim})")
+    if actions.ndim != 2 or actions.shape[1] != action_dim:
+        raise bad(f"has actions of shape {actions.shape}; the environment's are (steps, {action_dim})")
+    if not len(observations) == len(actions) == len(terminals):
+        raise bad(f"has {len(observations)} observations, {len(actions)} actions and {len(terminals)} terminals; "
+                  "they must be as many")
+    if len(observations) < 2:
+        raise bad(f"has {len(observations)} steps; a dataset needs at least one transition")
+    if np.asarray(terminals, bool).all():
+        raise bad("ends a trajectory at every step: it holds no transition")
+    for key, values in (("observations", observations), ("actions", actions)):
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            raise bad(f"has NaN or Inf in its {key} (first at step {int(np.argmin(finite))})")
 
 
 def _to_trajectories(compact, max_trajectories):

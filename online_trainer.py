@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, evaluate,
-                           load_datasets, make_env, maze_cells)
+from offline_agent import CHECKPOINT_KEYS
+from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, env_name_of,
+                           evaluate, load_datasets, make_env, maze_cells)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
-from utils import (CSVLogger, RunConfig, UserError, add_flags, check_finite, exit_on_user_error, flag,
-                   load_checkpoint, non_negative_int, plot_curves, positive_float, positive_int, prepare_save_dir,
-                   save_checkpoint, set_seed, setup_torch, unit_float, write_json)
+from utils import (CSVLogger, RunConfig, RunFolder, UserError, add_flags, check_finite, check_finite_actions,
+                   check_finite_weights, exit_on_user_error, explicit_flags, flag, load_checkpoint, non_negative_int,
+                   plot_curves, positive_float, positive_int, resumed_flags, save_checkpoint, set_seed, setup_torch,
+                   unit_float, write_json)
 
 RUN_FILES = ("online_metrics.csv", "last_online_model.pth", "best_online_model.pth", "config.json",
              "online_training_curves.png")
@@ -37,6 +39,10 @@ CURVE_PANELS = [("train loss", ["train/total_loss"]), ("episode success", ["onli
                 ("episode reward", ["online/episode_reward"]), ("epsilon", ["exploration/epsilon"]),
                 ("action noise", ["exploration/action_noise"]), ("greedy evaluation success", ["eval/success"])]
 SUCCESS_SMOOTHING = 20  # episodes in the moving average of the logged online success
+ONLINE_KEYS = ("phase", "episode", "best_success", "run_config", "run", "online_buffer", "rng_torch", "rng_goals",
+               "rng_samplers")
+# flags a resumed online run may take anew; every other flag is the run's own (a differing one is refused)
+MAY_CHANGE_ON_RESUME = ("eval_every", "device", "threads", "no_progress", "resume", "overwrite", "save_dir")
 
 
 @dataclass
@@ -115,24 +121,57 @@ def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, devic
                           online_sampler.sample(n_online, device)), n_online
 
 
-def main(argv=None):
+def parse_run(argv):
+    """The run's flags and the checkpoint it starts from; with --resume, the online run's own flags, with the ones
+    that may change applied (one line refusing any other that differs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_schedules(parser, args)
     check_dataset_name(args.dataset)
+    args.dataset_dir = os.path.abspath(os.path.expanduser(args.dataset_dir))
+    folder = RunFolder(args.save_dir, RUN_FILES, "last_online_model.pth")
+    folder.check(args.resume, args.overwrite)
+    if args.resume:
+        checkpoint = load_checkpoint(folder.path("last_online_model.pth"), required=CHECKPOINT_KEYS + ONLINE_KEYS)
+        given = explicit_flags(parser, argv)
+        if "dataset_dir" in given:
+            given["dataset_dir"] = args.dataset_dir
+        args = argparse.Namespace(**resumed_flags(checkpoint["run_config"], given, MAY_CHANGE_ON_RESUME,
+                                                  "the online run"))
+    else:
+        checkpoint = load_checkpoint(args.checkpoint, required=CHECKPOINT_KEYS)
+        trained_on = checkpoint.get("run_config", {}).get("dataset")
+        if trained_on and env_name_of(trained_on) != env_name_of(args.dataset):
+            raise UserError(f"{args.checkpoint} was trained on {trained_on}; fine-tuning it in "
+                            f"{env_name_of(args.dataset)} would mix two mazes: pass a checkpoint of that maze")
+    check_dataset_name(args.dataset)   # the resumed run's own
+    return args, folder, checkpoint
+
+
+def main(argv=None):
+    args, folder, checkpoint = parse_run(argv)
     device = setup_torch(args.threads, args.device)
-    paths = {name: os.path.join(args.save_dir, f"{name}_online_model.pth") for name in ("best", "last")}
-    source = paths["last"] if args.resume else args.checkpoint
-    checkpoint = load_checkpoint(source, map_location=device)
     env = make_env(args.dataset, **({} if args.max_episode_steps is None else
                                     dict(max_episode_steps=args.max_episode_steps)))
     agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
-    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0], source=source)
-    prepare_save_dir(args.save_dir, resume=args.resume, overwrite=args.overwrite, run_files=RUN_FILES)
+    agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0],
+                          source=folder.path("last_online_model.pth") if args.resume else args.checkpoint)
     set_seed(args.seed)
-    write_json(os.path.join(args.save_dir, "config.json"), dict(vars(args), device=str(device)))
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
     agent.set_subgoal_data(offline_data)
+    folder.open(args.resume)
+    try:
+        return train_online(agent, env, offline_data, args, folder, checkpoint, device)
+    except BaseException:
+        folder.restore()   # a replaced run comes back if this one failed before its first checkpoint
+        raise
+    finally:
+        env.close()
+
+
+def train_online(agent, env, offline_data, args, folder, checkpoint, device):
+    write_json(folder.path("config.json"), dict(vars(args), device=str(device)))
+    paths = {name: folder.path(f"{name}_online_model.pth") for name in ("best", "last")}
     c = agent.config
     offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
@@ -142,18 +181,20 @@ def main(argv=None):
     start = time.time()
     if args.resume:
         run = restore_run(checkpoint, agent, online_data, online_sampler, offline_sampler, goal_rng)
-        logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"), resume=True,
+        logger = CSVLogger(folder.path("online_metrics.csv"), resume=True,
                            keep_rows_until=("episode", run["episode"]))
         start -= run["elapsed"]
     else:
         agent.start_online(args.online_lr or c.lr)
-        logger = CSVLogger(os.path.join(args.save_dir, "online_metrics.csv"))
+        logger = CSVLogger(folder.path("online_metrics.csv"))
         initial = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
                            max_episode_steps=args.max_episode_steps)
+        check_finite_actions(initial, agent.step)
         run = dict(episode=0, best_success=initial["success"], env_steps=0, recent_success=[])
         log_row(logger, args, dict(episode=0, step=agent.step, env_steps=0, **eval_columns(initial)), start)
         save_checkpoint(online_checkpoint(agent, run, args, start, online_data, (offline_sampler, online_sampler),
                                           goal_rng), paths["best"])
+        folder.committed()
         tqdm.write(f"checkpoint {args.checkpoint}: greedy success {run['best_success']:.3f} before online fine-tuning")
 
     bar = tqdm(range(run["episode"] + 1, args.max_episodes + 1), desc="online", disable=args.no_progress)
@@ -172,6 +213,7 @@ def main(argv=None):
             online_windows += [n_online for _, n_online in draws]
             infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]]))
             check_finite(infos[-1], agent.step)
+        check_finite_weights(agent.named_weights(), agent.step)   # before anything of this episode is saved
         run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]
         row = dict(episode=episode, step=agent.step, env_steps=run["env_steps"], **{
             "online/success": float(reached.any()), "online/episode_reward": reward,
@@ -186,6 +228,7 @@ def main(argv=None):
         if episode % args.eval_every == 0 or episode == args.max_episodes:
             result = evaluate(agent, args.dataset, args.eval_episodes, seed=args.seed, progress=not args.no_progress,
                               max_episode_steps=args.max_episode_steps)
+            check_finite_actions(result, agent.step)
             row.update(eval_columns(result))
             if result["success"] > run["best_success"]:
                 run["best_success"] = result["success"]
@@ -194,9 +237,9 @@ def main(argv=None):
             tqdm.write(f"episode {episode}: greedy success {result['success']:.3f} (best {run['best_success']:.3f})")
         log_row(logger, args, row, start)  # before the checkpoint: a resume drops rows newer than its checkpoint
         save_checkpoint(online_checkpoint(agent, run, args, start, online_data, samplers, goal_rng), paths["last"])
+        folder.committed()
         bar.set_postfix(success=f"{np.mean(run['recent_success']):.2f}", eps=f"{epsilon:.2f}",
                         loss=f"{row.get('train/total_loss', float('nan')):.2f}")
-    env.close()
     return run["best_success"]
 
 

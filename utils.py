@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FORMAT = "opso-checkpoint-v2"   # v2: the retired variants' fields are gone (issue 26)
 CHECKPOINT_FORMAT_PREFIX = "opso-checkpoint-"
 DEFAULT_DATASET_DIR = "datasets"
+LAST_SAVED = {"path": None}   # the checkpoint this process wrote last, for the message on Ctrl-C
 
 
 class UserError(Exception):
@@ -33,6 +34,11 @@ def exit_on_user_error(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        last = LAST_SAVED["path"]
+        print("interrupted; " + (f"the last checkpoint is {last}" if last else "no checkpoint was written"),
+              file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- argparse types
@@ -53,15 +59,29 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def non_negative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def discount_float(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (returns are sums of -1 rewards), got {text}")
+    return value
+
+
+def context_int(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a window needs a step and a successor), got {text}")
     return value
 
 
@@ -132,6 +152,32 @@ class RunConfig:
     no_progress: bool = flag(False, "hide progress bars", action="store_true")
 
 
+def explicit_flags(parser, argv):
+    """The flags the command line actually gives (not their defaults): {name: value}."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse._StoreTrueAction):
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = action.type
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(argv)
+    return vars(known)
+
+
+def resumed_flags(run_config, given, may_change, what="the run"):
+    """The flags of a resumed run: its own, with the given ones that may change (e.g. --num_epochs) applied; any
+    other given flag that differs from the run's is refused in one line naming each difference."""
+    changed = {k: v for k, v in given.items() if k not in may_change and run_config.get(k) != v}
+    if changed:
+        listed = ", ".join(f"--{k} ({run_config.get(k)!r} in {what}, {v!r} given)" for k, v in sorted(changed.items()))
+        raise UserError(f"--resume continues {what} with its own settings and cannot change {listed}; drop those "
+                        "flags, or start a new run in another --save_dir")
+    return dict(run_config, **{k: v for k, v in given.items() if k in may_change})
+
+
 def setup_torch(threads, device):
     """Threads and device, resolved once per run."""
     if threads > 0:
@@ -139,25 +185,100 @@ def setup_torch(threads, device):
     return resolve_device(device)
 
 
-def prepare_save_dir(save_dir, resume, overwrite, run_files):
-    """Refuse to mix two runs' outputs: an existing run needs --resume or --overwrite."""
-    existing = [f for f in run_files if os.path.exists(os.path.join(save_dir, f))]
-    if existing and not (resume or overwrite):
-        raise UserError(f"{save_dir} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume to continue it, --overwrite to replace it, or another --save_dir")
-    if overwrite and not resume:
-        for f in existing:
-            os.remove(os.path.join(save_dir, f))
-    os.makedirs(save_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(save_dir, "*.tmp")):  # half-written files of a killed run
-        os.remove(stale)
+class RunFolder:
+    """The outputs of one run in --save_dir, never mixed with another run's.
+
+    A folder holds a run once that run wrote its last checkpoint (`last_file`); files of a run that never got
+    that far may be replaced by a plain rerun. With --overwrite the old run's files are moved aside into
+    `.previous-run/` and restored if the new run fails before its first checkpoint (`committed()` drops them).
+    Only the files of the project's own atomic writes (`<run file>.<random>.tmp`) are ever deleted as stale.
+    """
+
+    PREVIOUS = ".previous-run"
+
+    def __init__(self, save_dir, run_files, last_file):
+        self.save_dir, self.run_files, self.last_file = save_dir, run_files, last_file
+        self.moved = []
+
+    def path(self, name):
+        return os.path.join(self.save_dir, name)
+
+    def check(self, resume, overwrite):
+        """Before anything is written: the folder can hold this run (raises UserError with one line)."""
+        if os.path.exists(self.save_dir) and not os.path.isdir(self.save_dir):
+            raise UserError(f"--save_dir {self.save_dir} is a file, not a folder")
+        holds_run = os.path.exists(self.path(self.last_file))
+        if resume and not holds_run:
+            raise UserError(f"nothing to resume: {self.path(self.last_file)} does not exist")
+        if holds_run and not (resume or overwrite):
+            existing = [f for f in self.run_files if os.path.exists(self.path(f))]
+            raise UserError(f"{self.save_dir} already holds a run ({', '.join(existing)}); "
+                            f"pass --resume to continue it, --overwrite to replace it, or another --save_dir")
+        existing = self.save_dir
+        while not os.path.exists(existing):   # the nearest folder that exists will hold the new ones
+            existing = os.path.dirname(os.path.abspath(existing))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to --save_dir {self.save_dir} ({existing} is not writable)")
+
+    def open(self, resume):
+        """Make room for the run: stale temporary files go; a replaced run's files are moved aside."""
+        try:
+            os.makedirs(self.save_dir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create --save_dir {self.save_dir} ({error.strerror})") from None
+        for name in self.run_files:
+            for stale in glob.glob(glob.escape(self.path(name)) + ".*.tmp"):   # half-written by a killed run
+                os.remove(stale)
+        if resume:
+            return
+        previous = self.path(self.PREVIOUS)
+        for name in self.run_files:
+            if os.path.exists(self.path(name)):
+                os.makedirs(previous, exist_ok=True)
+                os.replace(self.path(name), os.path.join(previous, name))
+                self.moved.append(name)
+
+    def committed(self):
+        """The new run wrote its first checkpoint: the replaced run's files go for good."""
+        if self.moved:
+            for name in self.moved:
+                os.remove(os.path.join(self.path(self.PREVIOUS), name))
+            os.rmdir(self.path(self.PREVIOUS))
+            self.moved = []
+
+    def restore(self):
+        """The new run failed before its first checkpoint: its files go, the replaced run's come back."""
+        if self.moved:
+            for name in self.run_files:
+                if os.path.exists(self.path(name)):
+                    os.remove(self.path(name))
+            for name in self.moved:
+                os.replace(os.path.join(self.path(self.PREVIOUS), name), self.path(name))
+            os.rmdir(self.path(self.PREVIOUS))
+            self.moved = []
 
 
 def check_finite(info, step):
     """Stop at the first non-finite loss, naming it; the checkpoints on disk are the last good ones."""
     for key, value in info.items():
         if not math.isfinite(value):
-            raise UserError(f"non-finite {key} ({value}) at step {step}; stopping, the last good checkpoint is kept")
+            raise UserError(f"training diverged: non-finite {key} ({value}) at step {step}; stopping, the last good "
+                            "checkpoint is kept (lower --lr)")
+
+
+def check_finite_weights(named_tensors, step):
+    """Before any save: every weight finite, or stop naming them; the checkpoints on disk are the last good ones."""
+    bad = [name for name, tensor in named_tensors if not torch.isfinite(tensor).all()]
+    if bad:
+        raise UserError(f"training diverged: {len(bad)} weight tensors are not finite at step {step} (e.g. {bad[0]}); "
+                        "stopping, the last good checkpoint is kept (lower --lr)")
+
+
+def check_finite_actions(result, step):
+    """An evaluation whose policy emitted NaN or Inf comes from a diverged model: stop before it is saved."""
+    if result["non_finite_episodes"]:
+        raise UserError(f"training diverged: the policy emitted non-finite actions in {result['non_finite_episodes']} "
+                        f"evaluation episodes at step {step}; stopping, the last good checkpoint is kept (lower --lr)")
 
 
 def average(infos):
@@ -197,13 +318,19 @@ def num_updates_per_epoch(num_transitions, batch_size, context_length):
 def atomic_write(path, write_fn, suffix=".tmp"):
     """write_fn(tmp_path) then rename over path, so a reader never sees a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=suffix)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=suffix)
+    except OSError as error:
+        raise UserError(f"could not write {path} ({error.strerror or type(error).__name__})") from None
     os.close(fd)
     try:
         write_fn(tmp_path)
         os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
+    except OSError as error:   # a full disk, a folder made read-only: the old file is intact
+        raise UserError(f"could not write {path} ({error.strerror or type(error).__name__}); the file "
+                        "already there, if any, is intact") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -224,10 +351,15 @@ def read_json(path):
 
 def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    LAST_SAVED["path"] = str(path)
 
 
-def load_checkpoint(path, map_location="cpu", expected_format=CHECKPOINT_FORMAT, kind="OPSO checkpoint"):
-    """Load a checkpoint without executing code (weights_only) and check that it is of the expected format."""
+def load_checkpoint(path, map_location="cpu", expected_format=CHECKPOINT_FORMAT, kind="OPSO checkpoint",
+                    required=()):
+    """Load a checkpoint without executing code (weights_only) and check that it is of the expected format and
+    holds the `required` keys."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass the {kind} file in it (e.g. best_model.pth or last_model.pth)")
     if not os.path.isfile(path):
         raise UserError(f"{kind} {path} does not exist")
     try:
@@ -241,6 +373,9 @@ def load_checkpoint(path, map_location="cpu", expected_format=CHECKPOINT_FORMAT,
                         f"{expected_format}): retrain it, or read it with commit 04831cc or earlier")
     if found != expected_format:
         raise UserError(f"{path} is not an {kind}" if kind[0].lower() in "aeiou" else f"{path} is not a {kind}")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is an incomplete {kind}: it lacks {', '.join(missing)}")
     return checkpoint
 
 
@@ -339,11 +474,22 @@ def plot_curves(csv_path, png_path, x_key, panels, title=None):
     plt.close(fig)
 
 
+def plot_command(argv):
+    """python utils.py plot METRICS.csv OUT.png: every column of a metrics CSV against its first."""
+    if len(argv) != 3 or argv[0] != "plot":
+        raise UserError("usage: python utils.py plot METRICS.csv OUT.png")
+    csv_path, png_path = argv[1], argv[2]
+    if not os.path.isfile(csv_path):
+        raise UserError(f"{csv_path} does not exist")
+    if os.path.abspath(png_path) == os.path.abspath(csv_path) or not png_path.lower().endswith(".png"):
+        raise UserError(f"the output {png_path} must be a .png file other than the CSV")
+    columns = read_csv(csv_path)
+    if not columns:
+        raise UserError(f"{csv_path} holds no rows to plot")
+    names = list(columns)
+    plot_curves(csv_path, png_path, names[0], [(c, [c]) for c in names[1:]])
+    print(f"wrote {png_path}")
+
+
 if __name__ == "__main__":
-    # Redraw curves from a metrics CSV: python utils.py plot RUN/metrics.csv OUT.png
-    if len(sys.argv) == 4 and sys.argv[1] == "plot":
-        cols = list(read_csv(sys.argv[2]))
-        plot_curves(sys.argv[2], sys.argv[3], cols[0], [(c, [c]) for c in cols[1:]])
-    else:
-        print("usage: python utils.py plot METRICS.csv OUT.png", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: plot_command(sys.argv[1:]))

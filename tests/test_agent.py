@@ -142,7 +142,7 @@ def test_a_checkpoint_of_the_older_format_is_one_clear_line(tmp_path):
     save_checkpoint(state, tmp_path / "old.pth")
     with pytest.raises(UserError, match="older format .*opso-checkpoint-v1.* retrain it, or read it with commit"):
         load_checkpoint(tmp_path / "old.pth")
-    with pytest.raises(ValueError, match="subgoal_source"):
+    with pytest.raises(UserError, match="subgoal_source"):
         small_agent(subgoal_source="dataset")
 
 
@@ -337,7 +337,7 @@ def test_data_subgoals_without_a_dataset_fail_with_a_clear_message(source):
     agent = small_agent(subgoal_source=source)
     with pytest.raises(UserError, match="set_subgoal_data"):
         agent.make_actor(np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="stall_radius"):
+    with pytest.raises(UserError, match="stall_radius"):
         small_agent(subgoal_source="switch", stall_radius=0.0)
 
 

@@ -174,6 +174,7 @@ def test_online_trainer_refuses_an_existing_run_and_a_missing_checkpoint(tiny_da
     existing = tmp_path / "o"
     existing.mkdir()
     (existing / "online_metrics.csv").write_text("episode\n0\n")
+    (existing / "last_online_model.pth").write_bytes(b"a run's checkpoint")
     with pytest.raises(UserError, match="--resume"):
         online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir,
                              "--checkpoint", str(tmp_path / "off" / "best_model.pth"), "--save_dir", str(existing)])
@@ -189,3 +190,40 @@ def test_online_trainer_on_a_corrupt_dataset_is_a_clear_error(tiny_dataset_dir, 
         online_trainer.main(["--dataset", TINY_DATASET, "--dataset_dir", str(directory),
                              "--checkpoint", str(tmp_path / "off" / "best_model.pth"), "--save_dir", str(tmp_path / "o")])
     assert not any((tmp_path / "o").glob("*.pth"))
+
+
+class PoisonLastTask:
+    """The maze's oracle policy, except that the episodes of the last task (evaluate lists them last) get NaN."""
+
+    def __init__(self, maze, poisoned):
+        from ogbench_utils import OraclePolicy
+        self.oracle, self.poisoned = OraclePolicy(maze), poisoned
+
+    def make_actor(self, goals):
+        actor = self.oracle.make_actor(goals)
+        rows = np.arange(len(goals)) >= len(goals) - self.poisoned
+        oracle_act, oracle_keep = actor.act, actor.keep
+
+        def act(observations):
+            actions = oracle_act(observations)
+            actions[rows] = np.nan
+            return actions
+
+        def keep(kept):
+            nonlocal rows
+            rows = rows[kept]
+            oracle_keep(kept)
+        actor.act, actor.keep = act, keep
+        return actor
+
+
+def test_a_nan_action_ends_its_episode_as_a_failure_counted_per_task():
+    """MuJoCo resets a non-finite state and the point lands at (0, 0), inside task 5's goal: a NaN action
+    must never reach the environment, or a policy that emits NaN would score there."""
+    from ogbench_utils import evaluate, make_env
+    env = make_env(TINY_DATASET)
+    result = evaluate(PoisonLastTask(env.unwrapped, poisoned=2), TINY_DATASET, 2, seed=0, progress=False)
+    env.close()
+    assert result["task5_success"] == 0.0 and result["task5_non_finite"] == 2 and result["non_finite_episodes"] == 2
+    assert all(result[f"task{k}_non_finite"] == 0 for k in range(1, 5))
+    assert max(result[f"task{k}_success"] for k in range(1, 5)) > 0   # the same policy, unpoisoned, succeeds

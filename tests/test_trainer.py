@@ -59,6 +59,7 @@ def test_existing_run_is_not_overwritten_silently(tiny_dataset_dir, tmp_path):
     save_dir = tmp_path / "run"
     save_dir.mkdir()
     (save_dir / "metrics.csv").write_text("epoch\n1\n")
+    (save_dir / "last_model.pth").write_bytes(b"a run's checkpoint")
     result = run_cli(*TINY_RUN, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir))
     assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
     assert (save_dir / "metrics.csv").read_text() == "epoch\n1\n"
