@@ -62,6 +62,10 @@ def test_missing_dataset_offline_gives_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ogbench, "download_datasets", offline)
     with pytest.raises(UserError, match="python ogbench_utils.py generate pointmaze-medium-navigate-v0"):
         load_datasets(TINY_DATASET, str(tmp_path))
+    with pytest.raises(UserError, match="the shipped ant expert steered by the maze's oracle, not the official file"):
+        load_datasets("antmaze-medium-navigate-v0", str(tmp_path))
+    with pytest.raises(UserError, match="SMOKE set for tests, not a benchmark"):
+        load_datasets("humanoidmaze-medium-navigate-v0", str(tmp_path))
 
 
 def test_unknown_dataset_lists_supported_ones():
