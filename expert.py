@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import (CSVLogger, UserError, exit_on_user_error, load_checkpoint, plot_curves, positive_int,
+from utils import (CSVLogger, RunFolder, UserError, exit_on_user_error, load_checkpoint, plot_curves, positive_int,
                    save_checkpoint, write_json)
 
 EXPERT_FORMAT = "opso-ant-expert-v1"          # the shipped actor weights
@@ -299,14 +299,18 @@ def directional_return(actor, episodes, seed):
 def train(args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.save_dir, exist_ok=True)
-    run_path = os.path.join(args.save_dir, "last_expert_run.pth")
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.save_dir, f))]
-    if existing and not (args.resume or args.overwrite):
-        raise UserError(f"{args.save_dir} already holds an expert run ({', '.join(existing)}); pass --resume to "
-                        "continue it, --overwrite to replace it, or another --save_dir")
-    if args.resume and not os.path.exists(run_path):
-        raise UserError(f"nothing to resume: {run_path} does not exist")
+    folder = RunFolder(args.save_dir, RUN_FILES, "last_expert_run.pth")
+    folder.check(args.resume, args.overwrite)
+    run_path = folder.path("last_expert_run.pth")
+    folder.open(args.resume)
+    try:
+        return train_sac(args, folder, run_path)
+    except BaseException:
+        folder.restore()
+        raise
+
+
+def train_sac(args, folder, run_path):
     env = make_directional_env()
     config = SACConfig(obs_dim=env.observation_space.shape[0], action_dim=env.action_space.shape[0])
     torch.manual_seed(args.seed)
@@ -326,7 +330,7 @@ def train(args):
         torch.set_rng_state(state["rng_torch"])
         ob, episode_return = restore_env_state(env, state["env"])
         set_numpy_global_state(state["rng_numpy"])   # after the env's reset, which draws from it
-    logger = CSVLogger(os.path.join(args.save_dir, "expert_metrics.csv"), resume=args.resume,
+    logger = CSVLogger(folder.path("expert_metrics.csv"), resume=args.resume,
                        keep_rows_until=("step", progress["step"]))
     start = time.time() - progress["elapsed"]
     infos = []
@@ -353,7 +357,7 @@ def train(args):
         if step % args.log_every == 0 or step == args.steps:
             row = log_row(agent, progress, infos, step, start, args)
             logger.log(row)
-            plot_curves(logger.path, os.path.join(args.save_dir, "expert_curves.png"), "step", CURVE_PANELS,
+            plot_curves(logger.path, folder.path("expert_curves.png"), "step", CURVE_PANELS,
                         title="SAC on online-ant-xy (directional ant expert)")
             bar.set_postfix(ret=f"{row['train/episode_return']:.1f}", eval=f"{row['eval/return']:.1f}",
                             alpha=f"{row.get('alpha/value', float('nan')):.3f}")
@@ -364,6 +368,7 @@ def train(args):
                                  rng_torch=torch.get_rng_state(), rng_numpy=numpy_global_state(),
                                  env=env_state(env, ob, episode_return), args=vars(args)),
                             run_path)
+            folder.committed()
             write_expert(agent.actor, config, args.out, dict(
                 steps=step, seed=args.seed, command="python " + " ".join(sys.argv),
                 directional_return=row["eval/return"], eval_episode_length=row["eval/episode_length"],

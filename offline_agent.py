@@ -34,6 +34,7 @@ GRAD_CLIP_NORM = 10.0
 INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
 INFONCE_TEMPERATURE = 0.1
 SUBGOAL_SOURCES = ("proposer", "data", "switch")
+DATA_DISTANCES = ("observation", "position")
 CHECKPOINT_KEYS = ("agent_config", "step", "encoder", "heads", "targets", "optimizer")
 
 
@@ -83,6 +84,10 @@ class AgentConfig:
                                positive_int, group="acting")
     data_stride: int = flag(5, "data/switch: keep every N-th dataset state as a candidate", positive_int,
                             group="acting")
+    data_distance: str = flag("observation", "data/switch: nearest by the whole normalised observation, or by its "
+                                             "first two numbers, the x-y position in every OGBench maze ('position': "
+                                             "near in the maze, whatever an ant's joints do)",
+                              choices=list(DATA_DISTANCES), group="acting")
     stall_steps: int = flag(50, "switch: an episode has stalled when it moved less than --stall_radius over this "
                                 "many steps", positive_int, group="acting")
     stall_radius: float = flag(1.0, "switch: the stall distance, in x-y units of the maze", positive_float,
@@ -98,6 +103,8 @@ class AgentConfig:
         if not 1 <= self.subgoal_steps < self.context_length:
             raise UserError(f"--subgoal_steps ({self.subgoal_steps}) must be smaller than --context_length "
                             f"({self.context_length}): the subgoal lies inside the window")
+        if self.data_distance not in DATA_DISTANCES:
+            raise UserError(f"data_distance must be one of {DATA_DISTANCES}, got {self.data_distance!r}")
         if not 0.0 <= self.discount < 1.0:
             raise UserError(f"--discount must be in [0, 1), got {self.discount}")
 
@@ -574,7 +581,8 @@ class DataSubgoals:
 
 class SubgoalTable:
     """The data's subgoals for a batch of episodes: at o_t, of the `data_neighbors` kept states nearest to o_t
-    (in normalised observations), the successor o_j with the largest V(E([o_j]), z_g) is the subgoal.
+    (in normalised observations, or their x-y alone: `data_distance`), the successor o_j with the largest
+    V(E([o_j]), z_g) is the subgoal.
 
     Each candidate is a real state about k steps from the agent, so Q(z, z', z_g), k rewards of -1 plus
     gamma^k V(z', z_g), ranks them as V does; V is trained on these very encodings and Q scored on such pairs
@@ -586,7 +594,8 @@ class SubgoalTable:
     def __init__(self, agent, data, z_goal, chunk=65536):
         self.encoder = agent.encoder
         self.neighbors = min(agent.config.data_neighbors, len(data))
-        self.states = self.encoder.normalize(data.states)
+        self.dims = slice(0, 2) if agent.config.data_distance == "position" else slice(None)
+        self.states = self.encoder.normalize(data.states)[:, self.dims]
         self.latents = torch.cat([self.encoder.encode_goals(part) for part in data.successors.split(chunk)])
         value = agent.heads.value
         self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in self.latents.split(chunk)])
@@ -594,7 +603,7 @@ class SubgoalTable:
 
     def nearest(self, observations):
         """(N, neighbors): indices of the kept states nearest to each observation (N, obs_dim)."""
-        distances = torch.cdist(self.encoder.normalize(observations), self.states)
+        distances = torch.cdist(self.encoder.normalize(observations)[:, self.dims], self.states)
         return distances.topk(self.neighbors, dim=1, largest=False).indices
 
     def subgoals(self, observations):

@@ -25,12 +25,12 @@ def normalized_agent(data, **overrides):
     return agent
 
 
-def small_batch(seed=0):
+def small_batch(seed=0, obs_dim=2):
     rng = np.random.default_rng(seed)
     lengths = [30, 40, 50]
     terminals = np.zeros(sum(lengths), bool)
     terminals[np.cumsum(lengths) - 1] = True
-    obs = np.cumsum(rng.normal(size=(sum(lengths), 2)), 0).astype(np.float32)
+    obs = np.cumsum(rng.normal(size=(sum(lengths), obs_dim)), 0).astype(np.float32)
     actions = np.clip(rng.normal(size=(sum(lengths), 2)), -1, 1).astype(np.float32)
     data = Trajectories.from_terminals(obs, actions, terminals)
     return data, WindowSampler(data, 12, 3, 0.99, seed=seed).sample(8)
@@ -297,9 +297,11 @@ def test_data_subgoals_are_the_states_k_steps_ahead_in_their_own_trajectory():
         assert ahead[0] == min(row + 3, data.traj_ends[row])                          # ahead, clamped at the end
 
 
-def test_data_subgoal_is_the_successor_of_a_nearest_state_with_the_best_value():
-    data, _ = small_batch()
-    agent = normalized_agent(data, subgoal_source="data", data_neighbors=7, data_stride=2)
+@pytest.mark.parametrize("distance", ["observation", "position"])
+def test_data_subgoal_is_the_successor_of_a_nearest_state_with_the_best_value(distance):
+    data, _ = small_batch(obs_dim=4)
+    agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=7, data_stride=2,
+                             data_distance=distance)
     agent.set_subgoal_data(data)
     observations = torch.as_tensor(data.observations[[3, 50, 101]]) + 0.3
     goals = torch.as_tensor(data.observations[[20, 0, 119]])
@@ -308,8 +310,9 @@ def test_data_subgoal_is_the_successor_of_a_nearest_state_with_the_best_value():
         z_goal = agent.encoder.encode_goals(goals)
         chosen = SubgoalTable(agent, bank, z_goal).subgoals(observations)
         # reference: brute force in float64 over the bank
-        states = agent.encoder.normalize(bank.states).double()
-        nearest = torch.cdist(agent.encoder.normalize(observations).double(), states).argsort(dim=1)[:, :7]
+        dims = 2 if distance == "position" else 4
+        states = agent.encoder.normalize(bank.states).double()[:, :dims]
+        nearest = torch.cdist(agent.encoder.normalize(observations).double()[:, :dims], states).argsort(dim=1)[:, :7]
         for i in range(3):
             valued = agent.encoder.encode_goals(bank.successors[nearest[i]])
             values = agent.heads.value(valued, z_goal[i].expand_as(valued))
