@@ -4,7 +4,7 @@
 #     a deliberately weak offline checkpoint (--max_trajectories 100, a short budget), then online
 #     episodes (300); the online trainer evaluates greedily (5 tasks x 20 episodes) at episode 0 and every third
 #   bash benchmarks/online_pointmaze.sh strong [ignored] [parallel runs] [episodes] [seeds]
-#     online episodes (300) from the offline benchmark's checkpoints (benchmarks/offline_pointmaze.sh first)
+#     online episodes (300) from the offline benchmark's checkpoints (benchmarks/offline_benchmark.sh first)
 # summarize.py prints the success before and after and the change, mean +/- std over the seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ run_seed() {
       > runs/bench/weak-seed${seed}.log 2>&1
     checkpoint=runs/bench/weak-seed${seed}/best_model.pth
   else
-    checkpoint=runs/bench/navigate-seed${seed}/best_model.pth
+    checkpoint=runs/bench/${dataset}-seed${seed}/best_model.pth
   fi
   python online_trainer.py --dataset ${dataset} --dataset_dir datasets/generated --seed ${seed} \
     --checkpoint ${checkpoint} --max_episodes ${episodes} --eval_every $((episodes / 3)) --eval_episodes 20 --threads 1 \

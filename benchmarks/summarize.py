@@ -1,6 +1,6 @@
 """Mean +/- std over seeds of the final evaluation of runs (offline or online), and its change from the first.
 
-    python benchmarks/summarize.py runs/bench/navigate-seed*
+    python benchmarks/summarize.py runs/bench/pointmaze-medium-navigate-v0-seed*
 """
 import argparse
 import os
