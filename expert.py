@@ -301,13 +301,7 @@ def train(args):
         torch.set_num_threads(args.threads)
     folder = RunFolder(args.save_dir, RUN_FILES, "last_expert_run.pth")
     folder.check(args.resume, args.overwrite)
-    run_path = folder.path("last_expert_run.pth")
-    folder.open(args.resume)
-    try:
-        return train_sac(args, folder, run_path)
-    except BaseException:
-        folder.restore()
-        raise
+    return folder.run(args.resume, lambda: train_sac(args, folder, folder.path("last_expert_run.pth")))
 
 
 def train_sac(args, folder, run_path):

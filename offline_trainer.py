@@ -128,12 +128,7 @@ def main(argv=None):
         agent.set_normalization(train.observations)
     check_batch_fits_in_memory(run.batch_size, agent.config)
     agent.set_subgoal_data(train)
-    folder.open(run.resume)
-    try:
-        return train_offline(agent, train, run, args, folder, checkpoint, device)
-    except BaseException:
-        folder.restore()   # a replaced run comes back if this one failed before its first checkpoint
-        raise
+    return folder.run(run.resume, lambda: train_offline(agent, train, run, args, folder, checkpoint, device))
 
 
 def train_offline(agent, train, run, args, folder, checkpoint, device):

@@ -159,12 +159,8 @@ def main(argv=None):
     set_seed(args.seed)
     offline_data, _ = load_datasets(args.dataset, args.dataset_dir, args.max_trajectories)
     agent.set_subgoal_data(offline_data)
-    folder.open(args.resume)
     try:
-        return train_online(agent, env, offline_data, args, folder, checkpoint, device)
-    except BaseException:
-        folder.restore()   # a replaced run comes back if this one failed before its first checkpoint
-        raise
+        return folder.run(args.resume, lambda: train_online(agent, env, offline_data, args, folder, checkpoint, device))
     finally:
         env.close()
 

@@ -238,6 +238,15 @@ class RunFolder:
                 os.replace(self.path(name), os.path.join(previous, name))
                 self.moved.append(name)
 
+    def run(self, resume, train):
+        """open(), then train(): the replaced run's files come back if train() fails before `committed()`."""
+        self.open(resume)
+        try:
+            return train()
+        except BaseException:
+            self.restore()
+            raise
+
     def committed(self):
         """The new run wrote its first checkpoint: the replaced run's files go for good."""
         if self.moved:
