@@ -21,7 +21,7 @@ import torch
 from common import machine_line
 from offline_agent import Actor, OfflineAgent
 from offline_trainer import set_run_subgoal_data
-from ogbench_utils import GENERATED_DATASET_DIR, OracleSubgoals, data_policy, evaluate, make_env
+from ogbench_utils import OracleSubgoals, data_policy, evaluate, make_env
 from utils import load_checkpoint
 
 MODES = ("default", "proposer", "goal", "oracle", "oracle_policy")
@@ -61,7 +61,7 @@ def main():
     parser.add_argument("checkpoint", help="an OPSO checkpoint")
     parser.add_argument("--dataset", required=True, help="the dataset whose environment (and data, for 'default' "
                                                          "acting with the data's states) to use")
-    parser.add_argument("--dataset_dir", default=GENERATED_DATASET_DIR, help="its folder")
+    parser.add_argument("--dataset_dir", default=None, help="its folder (default: the training run's)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     parser.add_argument("--eval_episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed")

@@ -117,3 +117,12 @@ def test_the_flags_are_the_config_fields_and_evaluate_takes_the_acting_ones():
     assert config_from_args(AgentConfig, defaults, obs_dim=2, action_dim=2) == AgentConfig(obs_dim=2, action_dim=2)
     overrides = offline_trainer.build_evaluate_parser().parse_args(["x.pth", "--dataset", TINY_DATASET])
     assert all(getattr(overrides, name) is None for name in field_names(AgentConfig, "acting"))
+
+
+def test_diagnose_acting_runs_every_mode_on_a_finished_run(deterministic_run):
+    result = subprocess.run([sys.executable, "benchmarks/diagnose_acting.py", str(deterministic_run / "last_model.pth"),
+                             "--dataset", TINY_DATASET, "--eval_episodes", "1", "--max_episode_steps", "20"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for mode in ("default", "proposer", "goal", "oracle", "oracle_policy"):
+        assert f"{mode:>14}: success " in result.stdout
