@@ -34,7 +34,6 @@ GRAD_CLIP_NORM = 10.0
 INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows are the negatives
 INFONCE_TEMPERATURE = 0.1
 SUBGOAL_SOURCES = ("proposer", "data", "switch")
-DATA_DISTANCES = ("observation", "position")
 CHECKPOINT_KEYS = ("agent_config", "step", "encoder", "heads", "targets", "optimizer")
 
 
@@ -67,6 +66,12 @@ class AgentConfig:
     state_coef: float = flag(1.0, "weight of the state-prediction loss", non_negative_float, group="training")
     reward_coef: float = flag(1.0, "weight of the reward/done loss", non_negative_float, group="training")
     proposer_coef: float = flag(1.0, "weight of the proposer loss", non_negative_float, group="training")
+    actor_random_goals: float = flag(0.0, "share of the proposer's and inverse dynamics' goals drawn from random "
+                                          "dataset states instead of their trajectory's future (OGBench's "
+                                          "actor_p_randomgoal)", unit_float, group="training")
+    actor_random_goals_for: str = flag("both", "which actor heads train on those random goals: 'both' (OGBench's "
+                                               "HIQL: both levels) or 'inverse' (the proposer keeps its trajectory's "
+                                               "goals)", choices=["both", "inverse"], group="training")
     critic_steps: int = flag(1, "extra critic/value steps per update on single-observation latents E([o_t])",
                              non_negative_int, group="training")
     # acting
@@ -84,10 +89,6 @@ class AgentConfig:
                                positive_int, group="acting")
     data_stride: int = flag(5, "data/switch: keep every N-th dataset state as a candidate", positive_int,
                             group="acting")
-    data_distance: str = flag("observation", "data/switch: nearest by the whole normalised observation, or by its "
-                                             "first two numbers, the x-y position in every OGBench maze ('position': "
-                                             "near in the maze, whatever an ant's joints do)",
-                              choices=list(DATA_DISTANCES), group="acting")
     stall_steps: int = flag(50, "switch: an episode has stalled when it moved less than --stall_radius over this "
                                 "many steps", positive_int, group="acting")
     stall_radius: float = flag(1.0, "switch: the stall distance, in x-y units of the maze", positive_float,
@@ -103,10 +104,18 @@ class AgentConfig:
         if not 1 <= self.subgoal_steps < self.context_length:
             raise UserError(f"--subgoal_steps ({self.subgoal_steps}) must be smaller than --context_length "
                             f"({self.context_length}): the subgoal lies inside the window")
-        if self.data_distance not in DATA_DISTANCES:
-            raise UserError(f"data_distance must be one of {DATA_DISTANCES}, got {self.data_distance!r}")
+        if self.actor_random_goals_for not in ("both", "inverse"):
+            raise UserError(f"actor_random_goals_for must be 'both' or 'inverse', got {self.actor_random_goals_for!r}")
+        if not 0.0 <= self.actor_random_goals < 1.0:
+            raise UserError(f"--actor_random_goals must be in [0, 1), got {self.actor_random_goals}: InfoNCE's "
+                            "positives are the trajectory's own future goals")
         if not 0.0 <= self.discount < 1.0:
             raise UserError(f"--discount must be in [0, 1), got {self.discount}")
+
+    def sampler_settings(self):
+        """The `WindowSampler` keywords this config sets."""
+        return dict(context_length=self.context_length, subgoal_steps=self.subgoal_steps, discount=self.discount,
+                    actor_random_goal_prob=self.actor_random_goals)
 
     @property
     def acts_with_data(self):
@@ -313,12 +322,13 @@ class OfflineAgent:
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(lat, batch, valid)
         value, value_info = self.value_loss(lat, valid)
-        infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
+        infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"] & batch["actor_goal_in_trajectory"])
         state, state_info = self.state_loss(lat, batch)
         reward, reward_info = self.reward_loss(lat, batch, valid)
         advantage = self.actor_advantage(lat, batch)
         inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
-        proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
+        proposer_rows = valid if c.actor_random_goals_for == "both" else valid * batch["actor_goal_in_trajectory"]
+        proposer, proposer_info = self.proposer_loss(lat, advantage, proposer_rows)
         total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         for extra in (value_info, infonce_info, state_info, reward_info, inverse_info, proposer_info):
@@ -581,7 +591,7 @@ class DataSubgoals:
 
 class SubgoalTable:
     """The data's subgoals for a batch of episodes: at o_t, of the `data_neighbors` kept states nearest to o_t
-    (in normalised observations, or their x-y alone: `data_distance`), the successor o_j with the largest
+    (in normalised observations), the successor o_j with the largest
     V(E([o_j]), z_g) is the subgoal.
 
     Each candidate is a real state about k steps from the agent, so Q(z, z', z_g), k rewards of -1 plus
@@ -594,8 +604,7 @@ class SubgoalTable:
     def __init__(self, agent, data, z_goal, chunk=65536):
         self.encoder = agent.encoder
         self.neighbors = min(agent.config.data_neighbors, len(data))
-        self.dims = slice(0, 2) if agent.config.data_distance == "position" else slice(None)
-        self.states = self.encoder.normalize(data.states)[:, self.dims]
+        self.states = self.encoder.normalize(data.states)
         self.latents = torch.cat([self.encoder.encode_goals(part) for part in data.successors.split(chunk)])
         value = agent.heads.value
         self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in self.latents.split(chunk)])
@@ -603,7 +612,7 @@ class SubgoalTable:
 
     def nearest(self, observations):
         """(N, neighbors): indices of the kept states nearest to each observation (N, obs_dim)."""
-        distances = torch.cdist(self.encoder.normalize(observations)[:, self.dims], self.states)
+        distances = torch.cdist(self.encoder.normalize(observations), self.states)
         return distances.topk(self.neighbors, dim=1, largest=False).indices
 
     def subgoals(self, observations):

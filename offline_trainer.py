@@ -134,7 +134,7 @@ def main(argv=None):
 def train_offline(agent, train, run, args, folder, checkpoint, device):
     write_json(folder.path("config.json"), dict(vars(args), device=str(device)))
     c = agent.config
-    sampler = WindowSampler(train, c.context_length, c.subgoal_steps, c.discount, seed=run.seed)
+    sampler = WindowSampler(train, **c.sampler_settings(), seed=run.seed)
     if checkpoint is not None:
         start_epoch, best_success, elapsed = checkpoint["epoch"] + 1, checkpoint["best_success"], checkpoint["elapsed"]
         torch.set_rng_state(checkpoint["rng_torch"].cpu())

@@ -169,9 +169,9 @@ def train_online(agent, env, offline_data, args, folder, checkpoint, device):
     write_json(folder.path("config.json"), dict(vars(args), device=str(device)))
     paths = {name: folder.path(f"{name}_online_model.pth") for name in ("best", "last")}
     c = agent.config
-    offline_sampler = WindowSampler(offline_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed)
+    offline_sampler = WindowSampler(offline_data, **c.sampler_settings(), seed=args.seed)
     online_data = Trajectories.empty(c.obs_dim, c.action_dim)
-    online_sampler = WindowSampler(online_data, c.context_length, c.subgoal_steps, c.discount, seed=args.seed + 1,
+    online_sampler = WindowSampler(online_data, **c.sampler_settings(), seed=args.seed + 1,
                                    commanded_goal_prob=args.commanded_goal_prob)
     goal_rng = np.random.default_rng(args.seed)
     start = time.time()

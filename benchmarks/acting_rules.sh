@@ -9,7 +9,7 @@ run=$1 dataset=$2 seed=$3 threads=${4:-2}
 checkpoint=${run}/last_model.pth
 export OMP_NUM_THREADS=${threads}
 echo "# the same checkpoint, other acting: python offline_trainer.py evaluate ${checkpoint} --dataset ${dataset} --seed ${seed} [flags]"
-for flags in "--subgoal_source proposer" "--data_distance position"; do
+for flags in "--subgoal_source proposer" "--subgoal_source data"; do
   echo "## ${flags}"
   python offline_trainer.py evaluate ${checkpoint} --dataset ${dataset} --seed ${seed} ${flags} \
     2>/dev/null | tail -1

@@ -59,7 +59,7 @@ def main():
     data = synthetic_maze_data()
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, mamba_backend="torch"))
     agent.set_normalization(data.observations)
-    sampler = WindowSampler(data, agent.config.context_length, agent.config.subgoal_steps, agent.config.discount)
+    sampler = WindowSampler(data, **agent.config.sampler_settings())
     for _ in range(3):
         agent.update(sampler.sample(args.batch_size))
     bare, logged = [], []

@@ -52,7 +52,7 @@ def main():
                                      mamba_backend="torch"))
     agent.set_normalization(data.observations)
     c = agent.config
-    sampler = WindowSampler(data, c.context_length, c.subgoal_steps, c.discount)
+    sampler = WindowSampler(data, **c.sampler_settings())
     seconds, step_seconds = update_timings(agent, sampler, args.batch_size, args.repeats)
     transitions = args.batch_size * args.context_length
     sample_seconds = median_seconds(lambda: sampler.sample(args.batch_size), args.repeats)

@@ -137,7 +137,7 @@ def time_update(builders, device, repeats, batch_sizes):
                                              else "torch"), device=device)
             agent.set_normalization(data.observations)
             c = agent.config
-            sampler = WindowSampler(data, c.context_length, c.subgoal_steps, c.discount)
+            sampler = WindowSampler(data, **c.sampler_settings())
             update, step = update_timings(agent, sampler, batch_size, repeats,
                                           lambda fn, r: synced_median_ms(fn, r, device), device)
             critic = step - update
