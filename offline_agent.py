@@ -66,12 +66,6 @@ class AgentConfig:
     state_coef: float = flag(1.0, "weight of the state-prediction loss", non_negative_float, group="training")
     reward_coef: float = flag(1.0, "weight of the reward/done loss", non_negative_float, group="training")
     proposer_coef: float = flag(1.0, "weight of the proposer loss", non_negative_float, group="training")
-    actor_random_goals: float = flag(0.0, "share of the proposer's and inverse dynamics' goals drawn from random "
-                                          "dataset states instead of their trajectory's future (OGBench's "
-                                          "actor_p_randomgoal)", unit_float, group="training")
-    actor_random_goals_for: str = flag("both", "which actor heads train on those random goals: 'both' (OGBench's "
-                                               "HIQL: both levels) or 'inverse' (the proposer keeps its trajectory's "
-                                               "goals)", choices=["both", "inverse"], group="training")
     critic_steps: int = flag(1, "extra critic/value steps per update on single-observation latents E([o_t])",
                              non_negative_int, group="training")
     # acting
@@ -104,18 +98,12 @@ class AgentConfig:
         if not 1 <= self.subgoal_steps < self.context_length:
             raise UserError(f"--subgoal_steps ({self.subgoal_steps}) must be smaller than --context_length "
                             f"({self.context_length}): the subgoal lies inside the window")
-        if self.actor_random_goals_for not in ("both", "inverse"):
-            raise UserError(f"actor_random_goals_for must be 'both' or 'inverse', got {self.actor_random_goals_for!r}")
-        if not 0.0 <= self.actor_random_goals < 1.0:
-            raise UserError(f"--actor_random_goals must be in [0, 1), got {self.actor_random_goals}: InfoNCE's "
-                            "positives are the trajectory's own future goals")
         if not 0.0 <= self.discount < 1.0:
             raise UserError(f"--discount must be in [0, 1), got {self.discount}")
 
     def sampler_settings(self):
         """The `WindowSampler` keywords this config sets."""
-        return dict(context_length=self.context_length, subgoal_steps=self.subgoal_steps, discount=self.discount,
-                    actor_random_goal_prob=self.actor_random_goals)
+        return dict(context_length=self.context_length, subgoal_steps=self.subgoal_steps, discount=self.discount)
 
     @property
     def acts_with_data(self):
@@ -322,13 +310,12 @@ class OfflineAgent:
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(lat, batch, valid)
         value, value_info = self.value_loss(lat, valid)
-        infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"] & batch["actor_goal_in_trajectory"])
+        infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
         state, state_info = self.state_loss(lat, batch)
         reward, reward_info = self.reward_loss(lat, batch, valid)
         advantage = self.actor_advantage(lat, batch)
         inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
-        proposer_rows = valid if c.actor_random_goals_for == "both" else valid * batch["actor_goal_in_trajectory"]
-        proposer, proposer_info = self.proposer_loss(lat, advantage, proposer_rows)
+        proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
         total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         for extra in (value_info, infonce_info, state_info, reward_info, inverse_info, proposer_info):

@@ -16,6 +16,7 @@ import os
 import tempfile
 import urllib.error
 import zipfile
+from collections import deque
 from dataclasses import dataclass
 
 import gymnasium
@@ -232,27 +233,21 @@ class WindowSampler:
                       reward = success - 1 (OGBench's mask = 1 - success is kstep_masks' one-step case)
       kstep_returns   discounted rewards over the k steps, stopping at success; kstep_masks 0 if the goal
                       is reached within them (no bootstrap), else 1; kstep_discounts = discount ** steps
-      actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor);
-                      a share `actor_random_goal_prob` of them a random dataset state instead (OGBench's
-                      actor_p_randomgoal, 0.5 in its commands for stitch data: goals no trajectory leads to)
-      actor_goal_in_trajectory  the actor goal is the same-trajectory draw (InfoNCE's positives)
+      actor_goals     same-trajectory future, uniform between i + 1 and the trajectory end (OGBench actor)
       actor_kstep_returns/_masks  kstep_returns and kstep_masks towards the actor goal
       next_valid      t + 1 is inside the window and the trajectory
     """
 
     def __init__(self, data: Trajectories, context_length, subgoal_steps, discount, seed=0,
-                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0, actor_random_goal_prob=0.0):
+                 goal_probs=VALUE_GOAL_PROBS, commanded_goal_prob=0.0):
         if abs(sum(goal_probs.values()) - 1.0) > 1e-6:
             raise ValueError(f"goal probabilities must sum to 1, got {goal_probs}")
-        if not 0.0 <= actor_random_goal_prob <= 1.0:
-            raise ValueError(f"actor_random_goal_prob must be in [0, 1], got {actor_random_goal_prob}")
         self.data = data
         self.window_length = context_length
         self.subgoal_steps = subgoal_steps
         self.discount = discount
         self.goal_probs = goal_probs
         self.commanded_goal_prob = commanded_goal_prob
-        self.actor_random_goal_prob = actor_random_goal_prob
         self.rng = np.random.default_rng(seed)
         self.refresh()
 
@@ -310,9 +305,9 @@ class WindowSampler:
         goal_within_k = to_goal < steps_ahead
         kstep_returns = return_of_reaching(np.minimum(to_goal, steps_ahead), gamma)
 
-        actor_goals, in_trajectory = self._actor_goal_indices(idx, traj_end)
-        ahead_in_trajectory = (actor_goals >= idx) & (actor_goals <= traj_end)
-        to_actor_goal = np.where(ahead_in_trajectory, actor_goals - idx, np.iinfo(np.int64).max)
+        uniform = rng.random(idx.shape)
+        actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
+        to_actor_goal = actor_goals - idx
 
         inverse = np.minimum(idx + rng.integers(1, k + 1, size=idx.shape), window_end)
         batch = dict(
@@ -321,22 +316,11 @@ class WindowSampler:
             value_goals=value_goals, rewards=success.astype(np.float32) - 1.0, successes=success,
             kstep_returns=kstep_returns.astype(np.float32), kstep_masks=(~goal_within_k).astype(np.float32),
             kstep_discounts=(gamma ** steps_ahead).astype(np.float32), actor_goals=obs[actor_goals],
-            actor_goal_in_trajectory=in_trajectory,
             actor_kstep_returns=return_of_reaching(np.minimum(to_actor_goal, steps_ahead), gamma).astype(np.float32),
             actor_kstep_masks=(to_actor_goal >= steps_ahead).astype(np.float32),
             next_valid=step_valid & (positions < window_end),
         )
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
-
-    def _actor_goal_indices(self, idx, traj_end):
-        """Actor goals (dataset indices) and whether each is the same-trajectory draw."""
-        uniform = self.rng.random(idx.shape)
-        goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
-        in_trajectory = np.ones(idx.shape, bool)
-        if self.actor_random_goal_prob > 0:
-            in_trajectory = self.rng.random(idx.shape) >= self.actor_random_goal_prob
-            goals = np.where(in_trajectory, goals, self.rng.integers(len(self.data), size=idx.shape))
-        return goals, in_trajectory
 
     def _value_goal_indices(self, idx, traj_end):
         rng, p = self.rng, self.goal_probs
@@ -466,17 +450,23 @@ def maze_cells(maze_map):
     return free, vertex
 
 
-def cells_at_distance(maze_map, start, distance):
-    """Free cells exactly `distance` BFS steps from start."""
+def cell_distances(maze_map, start):
+    """BFS distance (in cells) from start to every free cell it connects to: {cell: distance}."""
     dist = {start: 0}
-    queue = [start]
+    queue = deque([start])
     while queue:
-        i, j = queue.pop(0)
+        i, j = queue.popleft()
         for di, dj in ((-1, 0), (0, -1), (1, 0), (0, 1)):
             cell = (i + di, j + dj)
             if maze_map[cell] == 0 and cell not in dist:
                 dist[cell] = dist[(i, j)] + 1
                 queue.append(cell)
+    return dist
+
+
+def cells_at_distance(maze_map, start, distance):
+    """Free cells exactly `distance` BFS steps from start."""
+    dist = cell_distances(maze_map, start)
     return [cell for cell, d in dist.items() if d == distance]
 
 

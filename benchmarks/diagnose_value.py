@@ -12,31 +12,19 @@ distance, so a value that saturates or ranks only its own trajectories shows.
         --dataset pointmaze-medium-stitch-v0
 """
 import argparse
-from collections import deque
-
 import numpy as np
 import torch
 
 from common import machine_line
 from offline_agent import OfflineAgent
-from ogbench_utils import DEFAULT_DATASET_DIR, load_datasets, make_env
+from ogbench_utils import DEFAULT_DATASET_DIR, cell_distances, load_datasets, make_env
 from utils import load_checkpoint
 
 
-def cell_distances(maze_map):
-    """BFS distance (in cells) between every pair of free cells: {start cell: {cell: distance}}."""
-    free = [(int(i), int(j)) for i, j in zip(*np.nonzero(maze_map == 0))]
-    table = {}
-    for start in free:
-        dist, queue = {start: 0}, deque([start])
-        while queue:
-            i, j = queue.popleft()
-            for cell in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
-                if maze_map[cell] == 0 and cell not in dist:
-                    dist[cell] = dist[(i, j)] + 1
-                    queue.append(cell)
-        table[start] = dist
-    return table
+def all_cell_distances(maze_map):
+    """{start cell: {cell: BFS distance}} over every free cell."""
+    return {start: cell_distances(maze_map, start)
+            for start in ((int(i), int(j)) for i, j in zip(*np.nonzero(maze_map == 0)))}
 
 
 def spearman(x, y):
@@ -78,7 +66,7 @@ def main():
     dataset_dir = args.dataset_dir or checkpoint.get("run_config", {}).get("dataset_dir", DEFAULT_DATASET_DIR)
     data, _ = load_datasets(args.dataset, dataset_dir)
     maze = make_env(args.dataset).unwrapped
-    table = cell_distances(maze.maze_map)
+    table = all_cell_distances(maze.maze_map)
     s, g, same = draw_pairs(data, args.pairs, np.random.default_rng(args.seed))
     obs = data.observations
     cell = lambda xy: tuple(int(c) for c in maze.xy_to_ij(xy))

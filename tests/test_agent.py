@@ -55,22 +55,6 @@ def test_info_nce_hand_computed():
     assert accuracy == 1.0
 
 
-def test_infonce_anchors_only_rows_whose_actor_goal_is_their_own_future():
-    data, batch = small_batch()
-    agent = normalized_agent(data)
-    only_one = torch.zeros_like(batch["actor_goal_in_trajectory"])
-    only_one[0, 0] = True
-    _, info = agent.total_loss(dict(batch, actor_goal_in_trajectory=only_one))
-    assert info["infonce/loss"] == 0.0    # one anchor, its own positive the only logit
-    _, info = agent.total_loss(batch)
-    assert info["infonce/loss"] > 0.0
-
-
-def test_actor_random_goals_must_leave_infonce_some_positives():
-    with pytest.raises(UserError, match="actor_random_goals"):
-        AgentConfig(**dict(SMALL, actor_random_goals=1.0))
-
-
 def test_targets_move_by_the_ema_rule():
     agent = small_agent(tau=0.25)
     before = [p.clone() for p in agent.targets["q1"].parameters()]
@@ -410,20 +394,3 @@ def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
     torch.manual_seed(0)
     np.testing.assert_array_equal(act_on(restored, observations, goals), expected)
 
-
-def test_the_proposer_can_keep_its_trajectory_goals_while_the_inverse_dynamics_takes_random_ones():
-    data, _ = small_batch()
-    batch = WindowSampler(data, 12, 3, 0.99, seed=1, actor_random_goal_prob=0.5).sample(8)
-    assert not batch["actor_goal_in_trajectory"].all()
-    losses = {}
-    for heads in ("both", "inverse"):
-        agent = normalized_agent(data, actor_random_goals=0.5, actor_random_goals_for=heads)
-        _, info = agent.total_loss(batch)
-        losses[heads] = (info["proposer/loss"].item(), info["inverse/loss"].item())
-    assert losses["both"][1] == losses["inverse"][1]          # same weights, same rows for I
-    assert losses["both"][0] != losses["inverse"][0]          # P's loss over other rows
-    mask = (batch["future_valid"] & batch["actor_goal_in_trajectory"]).float()
-    agent = normalized_agent(data, actor_random_goals=0.5, actor_random_goals_for="inverse")
-    lat = agent.encode_windows(batch)
-    expected, _ = agent.proposer_loss(lat, agent.actor_advantage(lat, batch), mask)
-    torch.testing.assert_close(torch.tensor(losses["inverse"][0]), expected.detach())

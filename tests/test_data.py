@@ -190,25 +190,3 @@ def test_generator_command_rejects_bad_flags(capsys):
     assert exit_info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
 
-
-def test_random_actor_goals_come_at_their_share_and_are_never_reached_from_another_trajectory():
-    data = synthetic([100] * 50)
-    sampler = WindowSampler(data, context_length=10, subgoal_steps=4, discount=0.9, seed=4,
-                            actor_random_goal_prob=0.5)
-    batch = {k: v.numpy() for k, v in sampler.sample(2048).items()}
-    idx, goal = index_of(batch["observations"]), index_of(batch["actor_goals"])
-    in_trajectory = batch["actor_goal_in_trajectory"]
-    assert abs(in_trajectory.mean() - 0.5) < 4 * np.sqrt(0.25 / in_trajectory.size)
-    drawn = in_trajectory
-    assert np.all((goal[drawn] > idx[drawn]) | (goal[drawn] == data.traj_ends[idx[drawn]]))
-    elsewhere = ~in_trajectory & (data.traj_ends[goal] != data.traj_ends[idx])
-    assert elsewhere.mean() > 0.45     # random states: almost always in another of the 50 trajectories
-    ahead = np.take_along_axis(idx, batch["future_offset"], 1) - idx
-    np.testing.assert_allclose(batch["actor_kstep_returns"][elsewhere], -(1 - 0.9 ** ahead[elsewhere]) / 0.1,
-                               rtol=1e-5)
-    assert np.all(batch["actor_kstep_masks"][elsewhere] == 1)
-
-
-def test_no_random_actor_goals_by_default():
-    batch = WindowSampler(synthetic([40, 40]), 10, 4, 0.9, seed=0).sample(64)
-    assert batch["actor_goal_in_trajectory"].all()
