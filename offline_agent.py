@@ -68,6 +68,12 @@ class AgentConfig:
     proposer_coef: float = flag(1.0, "weight of the proposer loss", non_negative_float, group="training")
     critic_steps: int = flag(1, "extra critic/value steps per update on single-observation latents E([o_t])",
                              non_negative_int, group="training")
+    value_steps: int = flag(0, "value steps per update on independent transitions, V(E([o]), E([g])) by n-step "
+                               "expectile TD (0: V on window latents, toward Q)", non_negative_int, group="training")
+    value_batch_size: int = flag(1024, "transitions per value step", positive_int, group="training")
+    value_backup_steps: int = flag(25, "n of the value steps' n-step backup", positive_int, group="training")
+    value_encoder_grad: int = flag(0, "1: the value steps train the encoder too (0: V on detached encodings)",
+                                   non_negative_int, choices=[0, 1], group="training")
     # acting
     subgoal_source: str = flag("switch", "acting: the policy search over the proposal ('proposer'), the best real "
                                          "dataset state by V near the agent ('data'), or 'data' until the agent "
@@ -114,6 +120,7 @@ class AgentConfig:
 class Latents(NamedTuple):
     """The latents of a batch, named as the losses read them (`OfflineAgent.encode_windows`)."""
     z: torch.Tensor                  # z_t: the encoder over the window (for a critic step: E([o_t]))
+    z_obs: torch.Tensor              # E([o_t]): the value's input when it is trained by value steps
     z_future: torch.Tensor           # z_{t+k} as the value bootstrap V(z_{t+k}, z_g) reads it
     z_subgoal: torch.Tensor          # z' = E([o_{t+k}]): the subgoal that Q, the reward head and P see
     z_inverse_subgoal: torch.Tensor  # E([o_{t+d}]), d ~ U{1..k}: the inverse dynamics' subgoal
@@ -219,7 +226,7 @@ class OfflineAgent:
         z = self.encoder(observations)
         single = self.encoder.encode_goals(torch.stack([batch["value_goals"], batch["actor_goals"], observations]))
         z_value_goal, z_actor_goal, z_single = single[0], single[1], single[2]
-        return Latents(z=z, z_future=at_positions(z, batch["future_offset"]),
+        return Latents(z=z, z_obs=z_single, z_future=at_positions(z, batch["future_offset"]),
                        z_subgoal=at_positions(z_single, batch["future_offset"]),
                        z_inverse_subgoal=at_positions(z_single, batch["inverse_offset"]),
                        z_value_goal=z_value_goal, z_actor_goal=z_actor_goal)
@@ -228,14 +235,19 @@ class OfflineAgent:
         """Latents of a critic step: z_t = E([o_t]) and z_{t+k} = E([o_{t+k}]), which is also its subgoal."""
         single = self.encoder.encode_goals(torch.stack([rows["observations"], future_observations, rows["value_goals"]]))
         z, z_ahead, z_goal = single[0], single[1], single[2]
-        return Latents(z=z, z_future=z_ahead, z_subgoal=z_ahead, z_inverse_subgoal=None, z_value_goal=z_goal,
+        return Latents(z=z, z_obs=z, z_future=z_ahead, z_subgoal=z_ahead, z_inverse_subgoal=None, z_value_goal=z_goal,
                        z_actor_goal=None)
 
     # ------------------------------------------------------------------ losses
 
+    @property
+    def single_value(self):
+        """Whether V reads single-observation encodings V(E([o]), E([g])) (trained by value steps)."""
+        return self.config.value_steps > 0
+
     def critic_loss(self, lat, batch, valid):
         with torch.no_grad():
-            next_v = self.targets["value"](lat.z_future, lat.z_value_goal)
+            next_v = self.targets["value"](lat.z_subgoal if self.single_value else lat.z_future, lat.z_value_goal)
             q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
         q1, q2 = self.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
         loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
@@ -279,9 +291,9 @@ class OfflineAgent:
         V(z_{t+k}, z_g), minus V(z_t, z_g). The environment is deterministic, so the k-step target is Q of the
         data's z' without the critic's fit error."""
         with torch.no_grad():
-            v = self.heads.value(lat.z, lat.z_actor_goal)
-            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(lat.z_future,
-                                                                                                   lat.z_actor_goal)
+            now, ahead = (lat.z_obs, lat.z_subgoal) if self.single_value else (lat.z, lat.z_future)
+            v = self.heads.value(now, lat.z_actor_goal)
+            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(ahead, lat.z_actor_goal)
             return batch["actor_kstep_returns"] + bootstrap - v
 
     def inverse_loss(self, lat, batch, advantage, valid):
@@ -309,7 +321,7 @@ class OfflineAgent:
         lat = self.encode_windows(batch)
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(lat, batch, valid)
-        value, value_info = self.value_loss(lat, valid)
+        value, value_info = self.value_loss(lat, valid) if not self.single_value else (0.0, {})
         infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
         state, state_info = self.state_loss(lat, batch)
         reward, reward_info = self.reward_loss(lat, batch, valid)
@@ -333,14 +345,31 @@ class OfflineAgent:
         lat = self.encode_single_observations(rows, future_observations)
         valid = torch.ones(len(lat.z), device=lat.z.device)
         critic, _ = self.critic_loss(lat, rows, valid)
+        if self.single_value:
+            return critic, {"critic_steps/critic_loss": critic}
         value, _ = self.value_loss(lat, valid)
         return critic + value, {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
 
+    def value_step_loss(self, batch):
+        """n-step expectile TD of V(E([o_t]), E([g])) on independent transitions (HIQL's value, n steps at a time):
+        toward the return over n steps plus gamma^n V_target(E([o_{t+n}]), E([g])), no Q in between."""
+        c = self.config
+        with torch.set_grad_enabled(bool(c.value_encoder_grad)):
+            single = self.encoder.encode_goals(torch.stack([batch["observations"], batch["future_observations"],
+                                                            batch["value_goals"]]))
+        z, z_ahead, z_goal = single[0], single[1].detach(), single[2]
+        with torch.no_grad():
+            target = batch["returns"] + batch["discounts"] * batch["masks"] * self.targets["value"](z_ahead, z_goal)
+        v = self.heads.value(z, z_goal)
+        loss = expectile_loss(target - v, c.expectile).mean()
+        return loss, {"value/loss": loss, "value/v_mean": v.mean()}
+
     # ------------------------------------------------------------------ update
 
-    def update(self, batch, critic_batches=()):
+    def update(self, batch, critic_batches=(), value_batches=()):
         """One gradient step on every loss of a batch of windows, then one critic step on each of
-        `critic_batches` (the trainers pass `critic_steps` fresh batches); returns a dict of floats."""
+        `critic_batches` (the trainers pass `critic_steps` fresh batches) and one value step on each of
+        `value_batches` (`value_steps` batches of transitions); returns a dict of floats."""
         total, info = self.total_loss(batch)
         info["train/grad_norm"] = self.gradient_step(total)
         self.step += 1
@@ -348,6 +377,10 @@ class OfflineAgent:
             loss, critic_info = self.critic_step_loss(critic_batch)
             self.gradient_step(loss)
             info.update(critic_info)
+        for value_batch in value_batches:
+            loss, value_info = self.value_step_loss(value_batch)
+            self.gradient_step(loss)
+            info.update(value_info)
         return floats(info)
 
     def gradient_step(self, loss):

@@ -85,8 +85,12 @@ def check_batch_fits_in_memory(batch_size, config):
 
 
 def draw_batches(sampler, agent, batch_size, device):
-    """The update's batch of windows and one fresh batch per critic step."""
-    return [sampler.sample(batch_size, device) for _ in range(1 + agent.config.critic_steps)]
+    """The update's batch of windows, one fresh batch per critic step and one batch of transitions per value step."""
+    c = agent.config
+    windows = [sampler.sample(batch_size, device) for _ in range(1 + c.critic_steps)]
+    transitions = [sampler.sample_transitions(c.value_batch_size, c.value_backup_steps, device)
+                   for _ in range(c.value_steps)]
+    return windows[0], windows[1:], transitions
 
 
 def parse_run(argv):
@@ -153,8 +157,7 @@ def train_offline(agent, train, run, args, folder, checkpoint, device):
         infos = []
         bar = tqdm(range(updates), desc=f"epoch {epoch}/{run.num_epochs}", leave=False, disable=run.no_progress)
         for _ in bar:
-            batch, *critic_batches = draw_batches(sampler, agent, run.batch_size, device)
-            infos.append(agent.update(batch, critic_batches))
+            infos.append(agent.update(*draw_batches(sampler, agent, run.batch_size, device)))
             check_finite(infos[-1], agent.step)
             if len(infos) % 10 == 1:
                 bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in infos[-1].items() if k in LOSS_COLUMNS[:7]})

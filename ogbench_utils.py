@@ -254,6 +254,7 @@ class WindowSampler:
     def refresh(self):
         """Recompute the window starts (after the data grew)."""
         self.valid_starts = self._window_starts(self.window_length)
+        self.transition_starts = np.flatnonzero(self.data.traj_ends != np.arange(len(self.data)))
         if self.data.reached is not None:
             self.next_reached = self._next_reached()
 
@@ -291,19 +292,8 @@ class WindowSampler:
         steps_ahead = future - idx
         future_valid = step_valid & (steps_ahead >= 1) & ((steps_ahead == k) | (future == traj_end))
 
-        goal_idx = self._value_goal_indices(idx, traj_end)
         obs = self.data.observations
-        value_goals = obs[goal_idx]
-        success = goal_idx == idx
-        to_goal = np.where((goal_idx >= idx) & (goal_idx <= traj_end), goal_idx - idx, np.iinfo(np.int64).max)
-        if self.commanded_goal_prob > 0:
-            commanded = rng.random(idx.shape) < self.commanded_goal_prob
-            value_goals[commanded] = self.data.commanded_goals[idx[commanded]]
-            success = np.where(commanded, self.data.reached[idx], success)
-            to_goal = np.where(commanded, self.next_reached[idx] - idx, to_goal)
-            to_goal[commanded & (self.next_reached[idx] == np.iinfo(np.int64).max)] = np.iinfo(np.int64).max
-        goal_within_k = to_goal < steps_ahead
-        kstep_returns = return_of_reaching(np.minimum(to_goal, steps_ahead), gamma)
+        value_goals, success, kstep_returns, goal_within_k = self._relabel(idx, traj_end, steps_ahead)
 
         uniform = rng.random(idx.shape)
         actor_goals = np.round(np.minimum(idx + 1, traj_end) * uniform + traj_end * (1 - uniform)).astype(np.int64)
@@ -321,6 +311,36 @@ class WindowSampler:
             next_valid=step_valid & (positions < window_end),
         )
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
+
+    def sample_transitions(self, batch_size, steps, device="cpu"):
+        """batch_size independent steps o_t (never a trajectory's last), each with o_{t+n}, n = min(steps, steps to
+        the trajectory's end), and the value goals, returns, masks and discounts of the class docstring over n."""
+        rng, gamma = self.rng, self.discount
+        idx = self.transition_starts[rng.integers(len(self.transition_starts), size=batch_size)]
+        traj_end = self.data.traj_ends[idx]
+        future = np.minimum(idx + steps, traj_end)
+        steps_ahead = future - idx
+        value_goals, _, returns, goal_within = self._relabel(idx, traj_end, steps_ahead)
+        batch = dict(observations=self.data.observations[idx], future_observations=self.data.observations[future],
+                     value_goals=value_goals, returns=returns.astype(np.float32),
+                     masks=(~goal_within).astype(np.float32), discounts=(gamma ** steps_ahead).astype(np.float32))
+        return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
+
+    def _relabel(self, idx, traj_end, steps_ahead):
+        """OGBench's value goals for the steps idx, and toward them: success at idx, the discounted return over
+        the next steps_ahead steps (stopping at success), and whether the goal is reached within them."""
+        goal_idx = self._value_goal_indices(idx, traj_end)
+        value_goals = self.data.observations[goal_idx]
+        success = goal_idx == idx
+        to_goal = np.where((goal_idx >= idx) & (goal_idx <= traj_end), goal_idx - idx, np.iinfo(np.int64).max)
+        if self.commanded_goal_prob > 0:
+            commanded = self.rng.random(idx.shape) < self.commanded_goal_prob
+            value_goals[commanded] = self.data.commanded_goals[idx[commanded]]
+            success = np.where(commanded, self.data.reached[idx], success)
+            to_goal = np.where(commanded, self.next_reached[idx] - idx, to_goal)
+            to_goal[commanded & (self.next_reached[idx] == np.iinfo(np.int64).max)] = np.iinfo(np.int64).max
+        returns = return_of_reaching(np.minimum(to_goal, steps_ahead), self.discount)
+        return value_goals, success, returns, to_goal < steps_ahead
 
     def _value_goal_indices(self, idx, traj_end):
         rng, p = self.rng, self.goal_probs
