@@ -59,6 +59,9 @@ class AgentConfig:
     expectile: float = flag(0.9, "expectile of the value loss", unit_float, group="training")
     beta: float = flag(3.0, "inverse temperature of the proposer's advantage weights", non_negative_float,
                        group="training")
+    inverse_goal: str = flag("goal", "the goal input of the inverse dynamics I(z, z', .): the episode's goal z_g, or "
+                                     "the subgoal z' itself (HIQL's low level sees only its subgoal)",
+                             choices=["goal", "subgoal"], group="training")
     inverse_beta: float = flag(0.0, "inverse temperature of the inverse dynamics' weights (0: unweighted)",
                                non_negative_float, group="training")
     tau: float = flag(0.02, "EMA rate of the target critics", unit_float, group="training")
@@ -98,6 +101,8 @@ class AgentConfig:
         """The constraints between fields (each field's own range is its flag's type)."""
         if self.subgoal_source not in SUBGOAL_SOURCES:
             raise UserError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {self.subgoal_source!r}")
+        if self.inverse_goal not in ("goal", "subgoal"):
+            raise UserError(f"inverse_goal must be 'goal' or 'subgoal', got {self.inverse_goal!r}")
         if self.stall_steps < 1 or not self.stall_radius > 0:
             raise UserError(f"stall_steps must be >= 1 and stall_radius > 0, got {self.stall_steps} and "
                             f"{self.stall_radius}")
@@ -301,11 +306,14 @@ class OfflineAgent:
         leaves I imprecise (BENCHMARKS.md)."""
         with torch.no_grad():
             weights = advantage_weights(advantage, self.config.inverse_beta)
-        action_error = (self.heads.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal)
-                        - batch["actions"]).square().sum(-1)
+        action_error = (self.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - batch["actions"]).square().sum(-1)
         loss = masked_mean(weights * action_error, valid)
         return loss, {"inverse/loss": loss, "inverse/action_mse": masked_mean(action_error, valid),
                       "inverse/advantage_mean": masked_mean(advantage, valid)}
+
+    def action(self, z, z_subgoal, z_goal):
+        """I(z, z', .) with the config's goal input (`inverse_goal`)."""
+        return self.heads.action(z, z_subgoal, z_subgoal if self.config.inverse_goal == "subgoal" else z_goal)
 
     def proposer_loss(self, lat, advantage, valid):
         """AWR for P(z, z_g) -> z': the data's subgoal, weighted by exp(beta A); no gradient into the latents."""
@@ -505,7 +513,7 @@ class Actor:
     def act(self, observations):
         observations = self.observation_tensor(observations)
         z = self.history.latent(observations)
-        action = self.agent.heads.action(z, self.subgoal(z, observations), self.z_goal)
+        action = self.agent.action(z, self.subgoal(z, observations), self.z_goal)
         return self.perturb(action).clamp(-1, 1).cpu().numpy()
 
     def subgoal(self, z, observations):

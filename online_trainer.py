@@ -110,15 +110,18 @@ def run_episode(env, actor, ob):
     return np.asarray(observations), np.asarray(actions), np.asarray(reached), reward_sum
 
 
-def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, device):
-    """batch_size windows, a share of them from the online buffer: (batch, online windows)."""
+def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, method="sample", **kwargs):
+    """batch_size windows (method 'sample') or transitions ('sample_transitions'), a share of them from the online
+    buffer: (batch, online rows)."""
     n_online = online_fraction_of_batch(batch_size, online_ratio, len(online_sampler.data))
+
+    def draw(sampler, n):
+        return getattr(sampler, method)(n, **kwargs)
     if n_online == 0:
-        return offline_sampler.sample(batch_size, device), 0
+        return draw(offline_sampler, batch_size), 0
     if n_online == batch_size:
-        return online_sampler.sample(batch_size, device), n_online
-    return concat_batches(offline_sampler.sample(batch_size - n_online, device),
-                          online_sampler.sample(n_online, device)), n_online
+        return draw(online_sampler, batch_size), n_online
+    return concat_batches(draw(offline_sampler, batch_size - n_online), draw(online_sampler, n_online)), n_online
 
 
 def parse_run(argv):
@@ -204,10 +207,13 @@ def train_online(agent, env, offline_data, args, folder, checkpoint, device):
         run["episode"], run["env_steps"] = episode, run["env_steps"] + len(actions) - 1
         infos, online_windows = [], []
         for _ in range(args.updates_per_episode):
-            draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device)
+            draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device=device)
                      for _ in range(1 + c.critic_steps)]
+            value_batches = [mixed_batch(offline_sampler, online_sampler, c.value_batch_size, args.online_ratio,
+                                         "sample_transitions", steps=c.value_backup_steps, device=device)[0]
+                             for _ in range(c.value_steps)]
             online_windows += [n_online for _, n_online in draws]
-            infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]]))
+            infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]], value_batches))
             check_finite(infos[-1], agent.step)
         check_finite_weights(agent.named_weights(), agent.step)   # before anything of this episode is saved
         run["recent_success"] = (run["recent_success"] + [float(reached.any())])[-SUCCESS_SMOOTHING:]

@@ -394,3 +394,56 @@ def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
     torch.manual_seed(0)
     np.testing.assert_array_equal(act_on(restored, observations, goals), expected)
 
+
+
+def test_value_step_is_the_n_step_expectile_td_of_single_observation_encodings():
+    data, _ = small_batch()
+    agent = normalized_agent(data, value_steps=1, expectile=0.8)
+    batch = WindowSampler(data, 12, 3, 0.99, seed=2).sample_transitions(64, 3)
+    assert (batch["masks"] == 0).any() and (batch["masks"] == 1).any()
+    loss, _ = agent.value_step_loss(batch)
+    with torch.no_grad():
+        z, z_ahead, z_goal = (agent.encoder.encode_goals(batch[k]) for k in ("observations", "future_observations",
+                                                                              "value_goals"))
+        target = batch["returns"] + batch["discounts"] * batch["masks"] * agent.targets["value"](z_ahead, z_goal)
+        expected = expectile_loss(target - agent.heads.value(z, z_goal), 0.8).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_with_value_steps_the_critic_and_advantage_read_v_on_single_observation_encodings():
+    data, batch = small_batch()
+    agent = normalized_agent(data, value_steps=1)
+    with torch.no_grad():
+        lat = agent.encode_windows(batch)
+        advantage = agent.actor_advantage(lat, batch)
+        single = agent.encoder.encode_goals(batch["observations"])
+        v_now = agent.heads.value(single, lat.z_actor_goal)
+        v_ahead = agent.heads.value(at_positions(single, batch["future_offset"]), lat.z_actor_goal)
+    expected = batch["actor_kstep_returns"] + batch["kstep_discounts"] * batch["actor_kstep_masks"] * v_ahead - v_now
+    torch.testing.assert_close(advantage, expected)
+    _, info = agent.total_loss(batch)
+    assert "value/loss" not in info                           # V is trained by the value steps alone
+    info = agent.update(batch, value_batches=[WindowSampler(data, 12, 3, 0.99).sample_transitions(32, 3)])
+    assert np.isfinite(info["value/loss"]) and agent.step == 1
+
+
+def test_value_steps_carry_the_value_across_two_trajectories_that_only_join():
+    """a: (0,0) -> (1,0), b: (1,0) -> (2,0), c apart at y = 3. No trajectory goes from a's start to b's end; the
+    value there must come from bootstrapping through the state a and b share, and stay below c's unreachable end."""
+    n = 6
+    a, b, c = (np.linspace(start, end, n).astype(np.float32) for start, end in
+               [([0, 0], [1, 0]), ([1, 0], [2, 0]), ([0, 3], [2, 3])])
+    observations = np.concatenate([a, b, c])
+    terminals = np.zeros(len(observations), bool)
+    terminals[[n - 1, 2 * n - 1, 3 * n - 1]] = True
+    data = Trajectories.from_terminals(observations, np.zeros((len(observations), 2), np.float32), terminals)
+    agent = normalized_agent(data, value_steps=1, lr=3e-3, discount=0.9, tau=0.1)
+    sampler = WindowSampler(data, **agent.config.sampler_settings(), seed=0)
+    for _ in range(800):
+        agent.gradient_step(agent.value_step_loss(sampler.sample_transitions(128, 2))[0])
+    with torch.no_grad():
+        z = agent.encoder.encode_goals(torch.tensor(a[[0, 0]]))
+        v_joined, v_apart = agent.heads.value(z, agent.encoder.encode_goals(torch.tensor(np.stack([b[-1], c[-1]]))))
+    joined_path = -(1 - 0.9 ** (2 * (n - 1))) / 0.1                     # 10 steps: a, then b
+    assert abs(float(v_joined) - joined_path) < 1.0
+    assert float(v_joined) > float(v_apart) + 1.5                      # c's end: never reached, -10 at convergence

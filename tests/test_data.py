@@ -152,6 +152,37 @@ def test_kstep_return_stops_at_the_goal():
     np.testing.assert_allclose(batch["kstep_discounts"], 0.9 ** ahead, rtol=1e-6)
 
 
+def test_transitions_are_single_steps_with_n_step_returns_toward_their_goals():
+    data = synthetic([30, 20, 40])
+    sampler = WindowSampler(data, context_length=10, subgoal_steps=4, discount=0.9, seed=0)
+    batch = {k: v.numpy() for k, v in sampler.sample_transitions(4096, steps=5).items()}
+    idx, ahead = index_of(batch["observations"]), index_of(batch["future_observations"])
+    ends = data.traj_ends[idx]
+    assert np.all(idx != ends)                                            # never a trajectory's last step
+    assert np.array_equal(ahead, np.minimum(idx + 5, ends))              # n steps on, inside the trajectory
+    np.testing.assert_allclose(batch["discounts"], 0.9 ** (ahead - idx), rtol=1e-6)
+    to_goal = index_of(batch["value_goals"]) - idx
+    same = data.traj_ends[index_of(batch["value_goals"])] == ends
+    for case, steps in [(to_goal == 0, 0), (same & (to_goal == 3) & (ahead - idx == 5), 3)]:
+        assert case.any()
+        np.testing.assert_allclose(batch["returns"][case], -(1 - 0.9 ** steps) / 0.1, rtol=1e-6)
+        assert np.all(batch["masks"][case] == 0.0)                        # reached: no bootstrap
+    far = ~(same & (to_goal >= 0) & (to_goal < ahead - idx))
+    np.testing.assert_allclose(batch["returns"][far], -(1 - 0.9 ** (ahead - idx)[far]) / 0.1, rtol=1e-6)
+    assert np.all(batch["masks"][far] == 1.0)
+
+
+def test_transition_goal_frequencies_match_ogbench():
+    data = synthetic([1000] * 60)
+    batch = WindowSampler(data, context_length=10, subgoal_steps=1, discount=0.9, seed=1).sample_transitions(20000, 1)
+    idx, goals = index_of(batch["observations"]), index_of(batch["value_goals"])
+    same_future = (data.traj_ends[goals] == data.traj_ends[idx]) & (goals > idx)
+    tolerance = 4 * np.sqrt(0.25 / len(idx)) + 0.005
+    assert abs(np.mean(goals == idx) - 0.2) < tolerance
+    assert abs(np.mean(same_future) - 0.5) < tolerance
+    assert abs(np.mean(~same_future & (goals != idx)) - 0.3) < tolerance
+
+
 def test_actor_goals_are_future_states_of_the_same_trajectory():
     data = synthetic([30, 30, 30])
     batch = WindowSampler(data, 10, 3, 0.99, seed=0).sample(128)
