@@ -88,7 +88,7 @@ def draw_batches(sampler, agent, batch_size, device):
     """The update's batch of windows, one fresh batch per critic step and one batch of transitions per value step."""
     c = agent.config
     windows = [sampler.sample(batch_size, device) for _ in range(1 + c.critic_steps)]
-    transitions = [sampler.sample_transitions(c.value_batch_size, c.value_backup_steps, device)
+    transitions = [sampler.sample_transitions(c.value_batch_size, c.subgoal_steps, device)
                    for _ in range(c.value_steps)]
     return windows[0], windows[1:], transitions
 

@@ -210,7 +210,7 @@ def train_online(agent, env, offline_data, args, folder, checkpoint, device):
             draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device=device)
                      for _ in range(1 + c.critic_steps)]
             value_batches = [mixed_batch(offline_sampler, online_sampler, c.value_batch_size, args.online_ratio,
-                                         "sample_transitions", steps=c.value_backup_steps, device=device)[0]
+                                         "sample_transitions", steps=c.subgoal_steps, device=device)[0]
                              for _ in range(c.value_steps)]
             online_windows += [n_online for _, n_online in draws]
             infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]], value_batches))

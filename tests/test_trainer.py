@@ -27,7 +27,7 @@ def test_offline_trainer_writes_every_output(tiny_dataset_dir, tmp_path):
     metrics = read_csv(save_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2] and list(metrics["step"]) == [3, 6]
     assert 0.0 <= metrics["eval/success"][-1] <= 1.0
-    assert all(math.isfinite(v) for v in metrics["critic_steps/value_loss"])   # the default --critic_steps 1
+    assert all(math.isfinite(v) for v in metrics["value/loss"])   # from the default --value_steps
     checkpoint = load_checkpoint(save_dir / "last_model.pth")
     assert checkpoint["step"] == 6 and checkpoint["epoch"] == 2
     summary = subprocess.run([sys.executable, "benchmarks/summarize.py", str(save_dir)], cwd=ROOT,
