@@ -1,15 +1,16 @@
 """The offline OPSO agent: its config, one method per loss, one `update`, and acting (`Actor`).
 
 Losses (SPEC.md, "Offline training"), each in its own method returning (loss, info):
-  critic    k-step Q(z_t, z', z_g) toward the k-step return + gamma^k V_target(z_{t+k}, z_g), twin Q's with EMA
-            targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023)
-  value     expectile V(z_t, z_g) toward min Q_target (IQL, Kostrikov et al., 2021)
+  critic    k-step Q(z_t, z', z_g) toward the k-step return + gamma^k V_target(E([o_{t+k}]), z_g), twin Q's with
+            EMA targets (Edwards et al., 2020; HIQL's k-step latent subgoals, Park et al., 2023)
+  value     V(E([o_t]), z_g) by k-step expectile TD on independent transitions, in its own steps (HIQL's value,
+            k steps at a time; the expectile of IQL, Kostrikov et al., 2021)
   infonce   z_t against the encoding of a future state of its trajectory (CRL, Eysenbach et al., 2022)
   state, reward    the auxiliary predictors
   inverse   I(z_t, z'', z_g) -> a_t, z'' a state d ~ U{1..k} steps ahead, unweighted by default (inverse_beta 0)
   proposer  P(z_t, z_g) -> z', weighted by exp(beta A) with HIQL's k-step advantage (AWR, Peng et al., 2019)
-`update` takes one gradient step on all of them, then `critic_steps` cheaper critic and value steps on
-single-observation latents. Acting (`Actor`): a subgoal z' by the config's rule, then the action I(z, z', z_g):
+`update` takes one gradient step on all but the value on a batch of windows, then `critic_steps` critic steps on
+single-observation latents and `value_steps` value steps on batches of transitions. Acting (`Actor`): a subgoal z' by the config's rule, then the action I(z, z', z_g):
   proposer  SPEC's policy search: the proposal P(z, z_g), noisy copies, goal-biased interpolations; argmax Q
   data      a real dataset state k steps on from one of the dataset states nearest to o_t, the one with the
             largest V(z', z_g) (`SubgoalTable`)
@@ -35,6 +36,8 @@ INFONCE_SAMPLES = 256          # anchors per batch for InfoNCE; the other rows a
 INFONCE_TEMPERATURE = 0.1
 SUBGOAL_SOURCES = ("proposer", "data", "switch")
 CHECKPOINT_KEYS = ("agent_config", "step", "encoder", "heads", "targets", "optimizer")
+# what a checkpoint saved before a field existed was trained with (a new default must not change an old agent)
+BEFORE_THE_FIELD = dict(inverse_goal="goal")
 
 
 @dataclass
@@ -71,8 +74,8 @@ class AgentConfig:
     proposer_coef: float = flag(1.0, "weight of the proposer loss", non_negative_float, group="training")
     critic_steps: int = flag(0, "extra critic steps per update on single-observation latents E([o_t])",
                              non_negative_int, group="training")
-    value_steps: int = flag(4, "value steps per update on independent transitions, V(E([o]), E([g])) by k-step "
-                               "expectile TD (0: V on window latents, toward Q)", non_negative_int, group="training")
+    value_steps: int = flag(4, "value steps per update on independent transitions: V(E([o]), E([g])) by k-step "
+                               "expectile TD", positive_int, group="training")
     value_batch_size: int = flag(1024, "transitions per value step", positive_int, group="training")
     # acting
     subgoal_source: str = flag("switch", "acting: the policy search over the proposal ('proposer'), the best real "
@@ -98,6 +101,8 @@ class AgentConfig:
         """The constraints between fields (each field's own range is its flag's type)."""
         if self.subgoal_source not in SUBGOAL_SOURCES:
             raise UserError(f"subgoal_source must be one of {SUBGOAL_SOURCES}, got {self.subgoal_source!r}")
+        if self.value_steps < 1:
+            raise UserError(f"--value_steps must be >= 1 (V is trained by them alone), got {self.value_steps}")
         if self.inverse_goal not in ("goal", "subgoal"):
             raise UserError(f"inverse_goal must be 'goal' or 'subgoal', got {self.inverse_goal!r}")
         if self.stall_steps < 1 or not self.stall_radius > 0:
@@ -122,9 +127,9 @@ class AgentConfig:
 class Latents(NamedTuple):
     """The latents of a batch, named as the losses read them (`OfflineAgent.encode_windows`)."""
     z: torch.Tensor                  # z_t: the encoder over the window (for a critic step: E([o_t]))
-    z_obs: torch.Tensor              # E([o_t]): the value's input when it is trained by value steps
-    z_future: torch.Tensor           # z_{t+k} as the value bootstrap V(z_{t+k}, z_g) reads it
-    z_subgoal: torch.Tensor          # z' = E([o_{t+k}]): the subgoal that Q, the reward head and P see
+    z_obs: torch.Tensor              # E([o_t]): what V reads
+    z_subgoal: torch.Tensor          # z' = E([o_{t+k}]): the subgoal that Q, the reward head and P see, and the
+                                     # value bootstrap V(E([o_{t+k}]), z_g)
     z_inverse_subgoal: torch.Tensor  # E([o_{t+d}]), d ~ U{1..k}: the inverse dynamics' subgoal
     z_value_goal: torch.Tensor       # E([g]) of the value goals (OGBench's relabelling)
     z_actor_goal: torch.Tensor       # E([g]) of the actor goals (same-trajectory future)
@@ -221,15 +226,15 @@ class OfflineAgent:
 
         The subgoals are encoded like goals, E([o_{t+k}]): they hold only the state k steps ahead, so the proposer,
         the critic and the inverse dynamics see at acting time the kind of z' they were trained on, and
-        I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside a window latent. The value bootstrap
-        V(z_{t+k}, z_g) reads the window's latent (V is trained on window latents).
+        I(z, z', z_g) cannot read a_t off the history (o_{t+1}) inside a window latent. V reads single
+        observations too (`value_step_loss`): a state's value does not depend on how the data came to it, so the
+        trajectories that pass through it share it, which is what stitching needs.
         """
         observations = batch["observations"]
         z = self.encoder(observations)
         single = self.encoder.encode_goals(torch.stack([batch["value_goals"], batch["actor_goals"], observations]))
         z_value_goal, z_actor_goal, z_single = single[0], single[1], single[2]
-        return Latents(z=z, z_obs=z_single, z_future=at_positions(z, batch["future_offset"]),
-                       z_subgoal=at_positions(z_single, batch["future_offset"]),
+        return Latents(z=z, z_obs=z_single, z_subgoal=at_positions(z_single, batch["future_offset"]),
                        z_inverse_subgoal=at_positions(z_single, batch["inverse_offset"]),
                        z_value_goal=z_value_goal, z_actor_goal=z_actor_goal)
 
@@ -237,34 +242,20 @@ class OfflineAgent:
         """Latents of a critic step: z_t = E([o_t]) and z_{t+k} = E([o_{t+k}]), which is also its subgoal."""
         single = self.encoder.encode_goals(torch.stack([rows["observations"], future_observations, rows["value_goals"]]))
         z, z_ahead, z_goal = single[0], single[1], single[2]
-        return Latents(z=z, z_obs=z, z_future=z_ahead, z_subgoal=z_ahead, z_inverse_subgoal=None, z_value_goal=z_goal,
+        return Latents(z=z, z_obs=z, z_subgoal=z_ahead, z_inverse_subgoal=None, z_value_goal=z_goal,
                        z_actor_goal=None)
 
     # ------------------------------------------------------------------ losses
 
-    @property
-    def single_value(self):
-        """Whether V reads single-observation encodings V(E([o]), E([g])) (trained by value steps)."""
-        return self.config.value_steps > 0
-
     def critic_loss(self, lat, batch, valid):
         with torch.no_grad():
-            next_v = self.targets["value"](lat.z_subgoal if self.single_value else lat.z_future, lat.z_value_goal)
+            next_v = self.targets["value"](lat.z_subgoal, lat.z_value_goal)
             q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
         q1, q2 = self.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
         loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
         return loss, {"critic/loss": loss, "critic/q_mean": masked_mean(q1, valid),
                       "critic/q_min": q1[valid > 0].min(), "critic/q_max": q1[valid > 0].max(),
                       "critic/target_mean": masked_mean(q_target, valid)}
-
-    def value_loss(self, lat, valid):
-        z, z_subgoal, z_goal = lat.z, lat.z_subgoal.detach(), lat.z_value_goal
-        with torch.no_grad():
-            q_target = torch.minimum(self.targets["q1"](z, z_subgoal, z_goal), self.targets["q2"](z, z_subgoal, z_goal))
-        v = self.heads.value(z, z_goal)
-        loss = masked_mean(expectile_loss(q_target - v, self.config.expectile), valid)
-        return loss, {"value/loss": loss, "value/v_mean": masked_mean(v, valid),
-                      "value/v_min": v[valid > 0].min(), "value/v_max": v[valid > 0].max()}
 
     def infonce_loss(self, lat, step_valid):
         flat_z, flat_goal = lat.z.reshape(-1, lat.z.shape[-1]), lat.z_actor_goal.reshape(-1, lat.z.shape[-1])
@@ -293,9 +284,9 @@ class OfflineAgent:
         V(z_{t+k}, z_g), minus V(z_t, z_g). The environment is deterministic, so the k-step target is Q of the
         data's z' without the critic's fit error."""
         with torch.no_grad():
-            now, ahead = (lat.z_obs, lat.z_subgoal) if self.single_value else (lat.z, lat.z_future)
-            v = self.heads.value(now, lat.z_actor_goal)
-            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(ahead, lat.z_actor_goal)
+            v = self.heads.value(lat.z_obs, lat.z_actor_goal)
+            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(lat.z_subgoal,
+                                                                                                   lat.z_actor_goal)
             return batch["actor_kstep_returns"] + bootstrap - v
 
     def inverse_loss(self, lat, batch, advantage, valid):
@@ -321,39 +312,31 @@ class OfflineAgent:
         return loss, {"proposer/loss": loss, "proposer/weight_mean": masked_mean(weights, valid)}
 
     def total_loss(self, batch):
-        """Every loss on a batch of windows, weighted and summed; (total, info namespaced per loss)."""
+        """Every loss but the value's on a batch of windows, weighted and summed; (total, info namespaced per loss)."""
         c = self.config
         lat = self.encode_windows(batch)
         valid = batch["future_valid"].float()
         critic, info = self.critic_loss(lat, batch, valid)
-        value, value_info = self.value_loss(lat, valid) if not self.single_value else (0.0, {})
         infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
         state, state_info = self.state_loss(lat, batch)
         reward, reward_info = self.reward_loss(lat, batch, valid)
         advantage = self.actor_advantage(lat, batch)
         inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
         proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
-        total = (critic + value + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
+        total = (critic + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
-        for extra in (value_info, infonce_info, state_info, reward_info, inverse_info, proposer_info):
+        for extra in (infonce_info, state_info, reward_info, inverse_info, proposer_info):
             info.update(extra)
         info["train/total_loss"] = total
         return total, info
 
     def critic_step_loss(self, batch):
-        """Critic and value losses on single-observation latents of the positions with a subgoal k ahead.
-
-        The critic needs many backups to carry values across a maze; without the window encoder a step costs
-        about 35% of a full one (BENCHMARKS.md), so `critic_steps` of them per update multiply the backups.
-        """
+        """The critic loss on single-observation latents of the positions with a subgoal k ahead (a step costs
+        about 35% of a full update, BENCHMARKS.md)."""
         rows, future_observations = rows_with_a_subgoal(batch)
         lat = self.encode_single_observations(rows, future_observations)
-        valid = torch.ones(len(lat.z), device=lat.z.device)
-        critic, _ = self.critic_loss(lat, rows, valid)
-        if self.single_value:
-            return critic, {"critic_steps/critic_loss": critic}
-        value, _ = self.value_loss(lat, valid)
-        return critic + value, {"critic_steps/critic_loss": critic, "critic_steps/value_loss": value}
+        critic, _ = self.critic_loss(lat, rows, torch.ones(len(lat.z), device=lat.z.device))
+        return critic, {"critic_steps/critic_loss": critic}
 
     def value_step_loss(self, batch):
         """k-step expectile TD of V(E([o_t]), E([g])) on independent transitions (HIQL's value, k steps at a time):
@@ -459,7 +442,8 @@ class OfflineAgent:
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
         """The agent a checkpoint holds (a dict from `utils.load_checkpoint(path, required=CHECKPOINT_KEYS)`)."""
         known = {f.name for f in fields(AgentConfig)}
-        config = {k: v for k, v in dict(checkpoint["agent_config"], **overrides).items() if k in known}
+        config = {k: v for k, v in dict(BEFORE_THE_FIELD, **checkpoint["agent_config"], **overrides).items()
+                  if k in known}
         agent = cls(AgentConfig(**config), device=device)
         try:
             agent.load_state_dict(checkpoint)

@@ -33,7 +33,7 @@ from utils import (CSVLogger, RunConfig, RunFolder, UserError, add_flags, averag
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
-                "infonce/accuracy", "train/grad_norm", "critic_steps/critic_loss", "critic_steps/value_loss"]
+                "infonce/accuracy", "train/grad_norm", "critic_steps/critic_loss"]
 EVAL_COLUMNS = (["success"] + [f"task{k}_success" for k in range(1, NUM_EVAL_TASKS + 1)]
                 + ["non_finite_episodes", "episode_length"])
 CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"]), ("state loss", ["state/loss"]),

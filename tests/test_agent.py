@@ -78,17 +78,18 @@ def test_update_lowers_the_losses_on_a_fixed_batch():
     assert {"critic/q_mean", "inverse/advantage_mean", "infonce/accuracy"} <= set(first)
 
 
-def test_subgoal_is_the_goal_encoding_of_the_state_k_steps_ahead_and_the_bootstrap_the_window_latent():
+def test_subgoal_and_value_inputs_are_goal_encodings_of_single_states_and_z_the_window_latent():
     data, batch = small_batch()
     agent = normalized_agent(data)
     with torch.no_grad():
         latents = agent.encode_windows(batch)
         b, i = 1, 2
         state_ahead = batch["observations"][b, batch["future_offset"][b, i]]
-        history = agent.encoder(batch["observations"])[b, batch["future_offset"][b, i]]
-        torch.testing.assert_close(latents.z_future[b, i], history, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(latents.z, agent.encoder(batch["observations"]))
         torch.testing.assert_close(latents.z_subgoal[b, i], agent.encoder.encode_goals(state_ahead), rtol=1e-5,
                                    atol=1e-5)
+        torch.testing.assert_close(latents.z_obs[b, i], agent.encoder.encode_goals(batch["observations"][b, i]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_inverse_subgoal_is_the_goal_encoding_of_the_sampled_state():
@@ -120,20 +121,6 @@ def test_inverse_loss_is_unweighted_by_default_and_weighted_with_inverse_beta():
     error = (agent.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - batch["actions"]).square().sum(-1)
     expected = (torch.exp(2.0 * advantage).clamp(max=100.0) * error * valid).sum() / valid.sum()
     torch.testing.assert_close(loss, expected.detach())
-
-
-def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value():
-    data, batch = small_batch()
-    agent = normalized_agent(data, value_steps=0)
-    with torch.no_grad():
-        lat = agent.encode_windows(batch)
-        advantage = agent.actor_advantage(lat, batch)
-        v_now = agent.heads.value(lat.z, lat.z_actor_goal)
-        v_ahead = agent.heads.value(lat.z_future, lat.z_actor_goal)
-    reached = batch["actor_kstep_masks"] == 0
-    assert reached.any() and (~reached).any()
-    expected = batch["actor_kstep_returns"] + batch["kstep_discounts"] * v_ahead * (~reached) - v_now
-    torch.testing.assert_close(advantage, expected)
 
 
 def test_a_checkpoint_of_the_older_format_is_one_clear_line(tmp_path):
@@ -187,32 +174,30 @@ def test_critic_steps_train_the_critic_on_single_observation_latents_only():
         torch.testing.assert_close(before, after)
 
 
-def test_critic_step_on_valid_rows_equals_the_masked_losses_over_whole_windows():
+def test_critic_step_on_valid_rows_equals_the_masked_loss_over_whole_windows():
     data, batch = small_batch()
-    agent = normalized_agent(data, value_steps=0)
+    agent = normalized_agent(data)
     valid = batch["future_valid"].float()
     with torch.no_grad():
         z, z_goal = agent.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
         z_ahead = at_positions(z, batch["future_offset"])
         lat = agent.encode_single_observations(*rows_with_a_subgoal(batch))
-        whole = lat._replace(z=z, z_future=z_ahead, z_subgoal=z_ahead, z_value_goal=z_goal)
+        whole = lat._replace(z=z, z_obs=z, z_subgoal=z_ahead, z_value_goal=z_goal)
         critic, _ = agent.critic_loss(whole, batch, valid)
-        value, _ = agent.value_loss(whole, valid)
         _, info = agent.critic_step_loss(batch)
     assert float(info["critic_steps/critic_loss"]) == pytest.approx(float(critic), rel=1e-5)
-    assert float(info["critic_steps/value_loss"]) == pytest.approx(float(value), rel=1e-5)
 
 
 def test_update_runs_one_critic_step_per_extra_batch_and_counts_one_update():
     data, batch = small_batch()
-    agent = normalized_agent(data, critic_steps=2, value_steps=0)
+    agent = normalized_agent(data, critic_steps=2)
     seen = []
     original = agent.critic_step_loss
     agent.critic_step_loss = lambda b: seen.append(b) or original(b)
     other = WindowSampler(data, 12, 3, 0.99, seed=5).sample(8)
     info = agent.update(batch, [other, batch])
-    assert seen == [other, batch] and agent.step == 1 and "critic_steps/value_loss" in info
-    assert "critic_steps/value_loss" not in agent.update(batch)
+    assert seen == [other, batch] and agent.step == 1 and "critic_steps/critic_loss" in info
+    assert "critic_steps/critic_loss" not in agent.update(batch)
 
 
 def act_on(agent, observations, goals, context="recurrent"):
@@ -410,7 +395,7 @@ def test_value_step_is_the_n_step_expectile_td_of_single_observation_encodings()
     torch.testing.assert_close(loss.detach(), expected)
 
 
-def test_with_value_steps_the_critic_and_advantage_read_v_on_single_observation_encodings():
+def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value_on_single_states():
     data, batch = small_batch()
     agent = normalized_agent(data, value_steps=1)
     with torch.no_grad():

@@ -31,7 +31,7 @@ def main():
         lat = agent.encode_windows(batch)
         valid = batch["future_valid"]
         loss, info = agent.critic_loss(lat, batch, valid.float())
-        next_v = agent.targets["value"](lat.z_future, lat.z_value_goal)
+        next_v = agent.targets["value"](lat.z_subgoal, lat.z_value_goal)
         target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
         q1, _ = agent.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
     current = (batch["value_goals"] == batch["observations"]).all(-1)
