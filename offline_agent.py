@@ -7,10 +7,12 @@ Losses (SPEC.md, "Offline training"), each in its own method returning (loss, in
             k steps at a time; the expectile of IQL, Kostrikov et al., 2021)
   infonce   z_t against the encoding of a future state of its trajectory (CRL, Eysenbach et al., 2022)
   state, reward    the auxiliary predictors
-  inverse   I(z_t, z'', z_g) -> a_t, z'' a state d ~ U{1..k} steps ahead, unweighted by default (inverse_beta 0)
+  inverse   I(z_t, z'', .) -> a_t, z'' a state d ~ U{1..k} steps ahead, its goal input z'' itself by default
+            (inverse_goal 'subgoal': HIQL's low level sees only its subgoal) or z_g, unweighted (inverse_beta 0)
   proposer  P(z_t, z_g) -> z', weighted by exp(beta A) with HIQL's k-step advantage (AWR, Peng et al., 2019)
 `update` takes one gradient step on all but the value on a batch of windows, then `critic_steps` critic steps on
-single-observation latents and `value_steps` value steps on batches of transitions. Acting (`Actor`): a subgoal z' by the config's rule, then the action I(z, z', z_g):
+single-observation latents and `value_steps` value steps on batches of transitions. Acting (`Actor`): a subgoal
+z' by the config's rule, then the action I(z, z', .):
   proposer  SPEC's policy search: the proposal P(z, z_g), noisy copies, goal-biased interpolations; argmax Q
   data      a real dataset state k steps on from one of the dataset states nearest to o_t, the one with the
             largest V(z', z_g) (`SubgoalTable`)

@@ -1,6 +1,7 @@
-"""Offline update throughput: one full OPSO update (encoder, all heads, all losses, Adam step) on
-batch_size windows x context_length steps, in transitions per second, and a training step with its
-`--critic_steps` critic and value steps on single-observation latents; then a profile of where the time goes.
+"""Offline update throughput: one OPSO window update (encoder, all heads, every loss but the value's, Adam step)
+on batch_size windows x context_length steps, in transitions per second; a value step (V's k-step TD on
+--value_batch_size transitions), in value backups per second; a training step (the update, its `--critic_steps`
+critic steps and `--value_steps` value steps); then a profile of where an update's time goes.
 
     python benchmarks/bench_update.py [--batch_size 16 --context_length 100 --repeats 10 --profile]
 """
@@ -25,15 +26,24 @@ def synthetic_maze_data(num_trajectories=50, length=1001, seed=0):
 
 
 def update_timings(agent, sampler, batch_size, repeats, timer=median_seconds, device="cpu"):
-    """(seconds of an update alone, seconds of a training step: the update and its critic steps), medians."""
-    batches = [sampler.sample(batch_size, device) for _ in range(4 * (1 + agent.config.critic_steps))]
+    """Medians: (seconds of a window update alone, of one value step, of a training step: the update, its critic
+    steps and its value steps)."""
+    c = agent.config
+    batches = [sampler.sample(batch_size, device) for _ in range(4 * (1 + c.critic_steps))]
+    transitions = [sampler.sample_transitions(c.value_batch_size, c.subgoal_steps, device)
+                   for _ in range(4 * c.value_steps)]
     counter = iter(range(10**9))
 
-    def training_step(critic_steps):
-        first = (next(counter) % 4) * (1 + agent.config.critic_steps)
-        agent.update(batches[first], batches[first + 1:first + 1 + critic_steps])
-    return (timer(lambda: training_step(0), repeats),
-            timer(lambda: training_step(agent.config.critic_steps), repeats))
+    def training_step(critic_steps, value_steps):
+        i = next(counter) % 4
+        first = i * (1 + c.critic_steps)
+        agent.update(batches[first], batches[first + 1:first + 1 + critic_steps],
+                     transitions[i * c.value_steps:i * c.value_steps + value_steps])
+
+    def value_step():
+        agent.gradient_step(agent.value_step_loss(transitions[next(counter) % len(transitions)])[0])
+    return (timer(lambda: training_step(0, 0), repeats), timer(value_step, repeats),
+            timer(lambda: training_step(c.critic_steps, c.value_steps), repeats))
 
 
 def main():
@@ -53,14 +63,18 @@ def main():
     agent.set_normalization(data.observations)
     c = agent.config
     sampler = WindowSampler(data, **c.sampler_settings())
-    seconds, step_seconds = update_timings(agent, sampler, args.batch_size, args.repeats)
+    seconds, value_seconds, step_seconds = update_timings(agent, sampler, args.batch_size, args.repeats)
     transitions = args.batch_size * args.context_length
     sample_seconds = median_seconds(lambda: sampler.sample(args.batch_size), args.repeats)
     print(f"update: {args.batch_size} windows x {args.context_length} steps = {transitions} transitions, "
           f"median {seconds * 1000:.1f} ms -> {transitions / seconds:,.0f} transitions/s "
           f"(sampling a batch: {sample_seconds * 1000:.2f} ms)")
-    print(f"training step with the default {c.critic_steps} critic step(s): median {step_seconds * 1000:.1f} ms "
-          f"(a critic step: ~{(step_seconds - seconds) * 1000 / max(1, c.critic_steps):.1f} ms)")
+    print(f"value step: {c.value_batch_size} transitions, median {value_seconds * 1000:.1f} ms -> "
+          f"{c.value_batch_size / value_seconds:,.0f} value backups/s")
+    print(f"training step with the defaults' {c.critic_steps} critic and {c.value_steps} value steps: median "
+          f"{step_seconds * 1000:.1f} ms -> {(transitions + c.value_steps * c.value_batch_size) / step_seconds:,.0f} "
+          f"transitions/s through the losses ({c.value_steps * c.value_batch_size / step_seconds:,.0f} of them value "
+          f"backups)")
     if args.profile:
         from torch.profiler import profile
         with profile() as prof:

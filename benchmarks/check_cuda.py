@@ -128,7 +128,8 @@ def time_block(builders, device, repeats):
 
 
 def time_update(builders, device, repeats, batch_sizes):
-    print("OPSO update (encoder, all heads and losses, Adam) and critic step, windows of 100 steps (median ms):")
+    print("OPSO window update (encoder, all heads, every loss but the value's, Adam), a value step and a training "
+          "step (the update and the defaults' critic and value steps), windows of 100 steps (median ms):")
     data = synthetic_maze_data()
     for name in builders:
         for batch_size in batch_sizes:
@@ -138,13 +139,12 @@ def time_update(builders, device, repeats, batch_sizes):
             agent.set_normalization(data.observations)
             c = agent.config
             sampler = WindowSampler(data, **c.sampler_settings())
-            update, step = update_timings(agent, sampler, batch_size, repeats,
-                                          lambda fn, r: synced_median_ms(fn, r, device), device)
-            critic = step - update
+            update, value, step = update_timings(agent, sampler, batch_size, repeats,
+                                                 lambda fn, r: synced_median_ms(fn, r, device), device)
             transitions = batch_size * agent.context_length
             print(f"  {name:9s} batch {batch_size:4d} windows: update {update:7.1f} "
-                  f"({transitions / update * 1000:,.0f} transitions/s), critic step {critic:6.1f}, "
-                  f"training step {step:7.1f}", flush=True)
+                  f"({transitions / update * 1000:,.0f} transitions/s), value step {value:6.1f} "
+                  f"({c.value_batch_size} transitions), training step {step:7.1f}", flush=True)
 
 
 def main():

@@ -94,6 +94,39 @@ def test_replay_buffer_windows_never_cross_episodes():
         np.testing.assert_array_equal(batch["successes"][commanded], data.reached[indices][commanded])
 
 
+def test_online_transitions_toward_commanded_goals_stop_where_the_environment_reported_success():
+    data = Trajectories.empty(2, 2)
+    start = 0
+    for length, reached_at in ((20, 7), (15, None)):
+        obs = np.arange(start, start + length, dtype=np.float32)[:, None].repeat(2, 1)   # observation i is i
+        reached = np.zeros(length, bool)
+        if reached_at is not None:
+            reached[reached_at:] = True
+        data.append(obs, np.zeros((length, 2)), np.full(2, -1.0), reached)
+        start += length
+    batch = {k: v.numpy() for k, v in WindowSampler(data, 10, 3, 0.9, seed=0, commanded_goal_prob=1.0)
+             .sample_transitions(512, steps=4).items()}
+    idx = batch["observations"][:, 0].astype(int)
+    assert np.all(batch["value_goals"] == -1.0)                          # every goal is the commanded one
+    to_success = np.where(idx < 20, np.maximum(7 - idx, 0), 10**6)       # steps until the env said success
+    ahead = batch["future_observations"][:, 0].astype(int) - idx
+    reached = to_success < ahead
+    assert reached.any() and (~reached).any()
+    np.testing.assert_array_equal(batch["masks"], (~reached).astype(np.float32))
+    np.testing.assert_allclose(batch["returns"], -(1 - 0.9 ** np.minimum(to_success, ahead)) / 0.1, rtol=1e-6)
+
+
+def test_mixed_transitions_take_the_online_share_from_the_online_buffer():
+    offline = Trajectories.from_terminals(np.zeros((50, 2), np.float32), np.zeros((50, 2), np.float32),
+                                          np.arange(50) % 10 == 9)
+    online = Trajectories.empty(2, 2)
+    online.append(np.ones((30, 2)), np.zeros((30, 2)), np.ones(2), np.zeros(30, bool))
+    samplers = [WindowSampler(d, 10, 3, 0.99, seed=0) for d in (offline, online)]
+    batch, n_online = online_trainer.mixed_batch(*samplers, 8, 0.5, "sample_transitions", steps=3)
+    assert n_online == 4
+    np.testing.assert_array_equal(batch["observations"][:, 0].numpy(), [0, 0, 0, 0, 1, 1, 1, 1])
+
+
 def test_online_share_of_the_batch():
     assert online_fraction_of_batch(8, 0.5, 0) == 0
     assert online_fraction_of_batch(8, 0.5, 100) == 4
