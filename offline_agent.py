@@ -444,8 +444,8 @@ class OfflineAgent:
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
         """The agent a checkpoint holds (a dict from `utils.load_checkpoint(path, required=CHECKPOINT_KEYS)`)."""
         known = {f.name for f in fields(AgentConfig)}
-        config = {k: v for k, v in dict(BEFORE_THE_FIELD, **checkpoint["agent_config"], **overrides).items()
-                  if k in known}
+        config = {**BEFORE_THE_FIELD, **checkpoint["agent_config"], **overrides}
+        config = {k: v for k, v in config.items() if k in known}
         agent = cls(AgentConfig(**config), device=device)
         try:
             agent.load_state_dict(checkpoint)

@@ -432,3 +432,11 @@ def test_value_steps_carry_the_value_across_two_trajectories_that_only_join():
     joined_path = -(1 - 0.9 ** (2 * (n - 1))) / 0.1                     # 10 steps: a, then b
     assert abs(float(v_joined) - joined_path) < 1.0
     assert float(v_joined) > float(v_apart) + 1.5                      # c's end: never reached, -10 at convergence
+
+
+def test_a_checkpoint_saved_before_inverse_goal_acts_with_the_goal_input_it_was_trained_with():
+    state = small_agent().state_dict()
+    del state["agent_config"]["inverse_goal"]
+    assert OfflineAgent.from_checkpoint(state).config.inverse_goal == "goal"
+    assert OfflineAgent.from_checkpoint(state, inverse_goal="subgoal").config.inverse_goal == "subgoal"
+    assert OfflineAgent.from_checkpoint(small_agent().state_dict(), subgoal_source="data").config.inverse_goal == "subgoal"
