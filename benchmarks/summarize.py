@@ -1,6 +1,11 @@
 """Mean +/- std over seeds of the final evaluation of runs (offline or online), and its change from the first.
 
     python benchmarks/summarize.py runs/bench/pointmaze-medium-navigate-v0-seed*
+    python benchmarks/summarize.py runs/bench/online-pointmaze-medium-navigate-v0-seed* --last 3
+
+For online runs (more than two evaluations) it also prints, per seed and over seeds, the mean of the last --last
+evaluations (OGBench reports the mean of its last three) and the dip: the lowest evaluation after the first,
+minus the first (the checkpoint's own success before any online step).
 """
 import argparse
 import os
@@ -12,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import read_csv  # noqa: E402
 
 
-def run_summary(run_dir):
+def run_summary(run_dir, last=3):
     for name in ("metrics.csv", "online_metrics.csv"):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -22,27 +27,42 @@ def run_summary(run_dir):
             wall = columns["time/elapsed_s"][-1]
             tasks = [columns[f"eval/task{i}_success"][evaluated][-1] for i in range(1, 6)
                      if f"eval/task{i}_success" in columns]
-            return dict(run=run_dir, first=success[0], final=success[-1], rows=len(columns["eval/success"]),
-                        wall_min=wall / 60, step=columns["step"][-1], tasks=tasks)
+            return dict(run=run_dir, first=success[0], final=success[-1], evaluations=success,
+                        last_mean=success[-last:].mean(), dip=(success[1:].min() - success[0]) if len(success) > 1
+                        else 0.0, rows=len(columns["eval/success"]), wall_min=wall / 60, step=columns["step"][-1],
+                        tasks=tasks)
     raise SystemExit(f"no metrics file in {run_dir}")
+
+
+def spread(values):
+    values = np.asarray(values)
+    return f"{values.mean():.3f} +/- {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (one per seed)")
+    parser.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of an online run")
     args = parser.parse_args()
-    rows = [run_summary(r) for r in args.runs]
+    rows = [run_summary(r, args.last) for r in args.runs]
+    online = all(len(r["evaluations"]) > 2 for r in rows)
     for r in rows:
         print(f"{r['run']}: first evaluation {r['first']:.3f}, final evaluation {r['final']:.3f}, "
               f"{int(r['step'])} updates, {r['wall_min']:.1f} min"
               + (f"; tasks 1-5: {' '.join(f'{t:.2f}' for t in r['tasks'])}" if r["tasks"] else ""))
+        if online:
+            print(f"  evaluations {' '.join(f'{s:.2f}' for s in r['evaluations'])}; mean of the last {args.last} "
+                  f"{r['last_mean']:.3f}; dip {r['dip']:+.3f}")
     final = np.array([r["final"] for r in rows])
     first = np.array([r["first"] for r in rows])
-    print(f"final success over {len(rows)} seeds: {final.mean():.3f} +/- {final.std(ddof=1) if len(rows) > 1 else 0:.3f} "
-          f"(mean +/- std); min {final.min():.3f}, max {final.max():.3f}")
+    print(f"final success over {len(rows)} seeds: {spread(final)} (mean +/- std); min {final.min():.3f}, "
+          f"max {final.max():.3f}")
     if len(first) and not np.allclose(first, final):
-        change = final - first
-        print(f"change from the first evaluation: {change.mean():+.3f} +/- {change.std(ddof=1) if len(rows) > 1 else 0:.3f}")
+        print(f"change from the first evaluation: {spread(final - first)}")
+    if online:
+        last_mean = np.array([r["last_mean"] for r in rows])
+        print(f"mean of the last {args.last} evaluations over {len(rows)} seeds: {spread(last_mean)}; change from "
+              f"the first: {spread(last_mean - first)}; worst dip {min(r['dip'] for r in rows):+.3f}")
 
 
 if __name__ == "__main__":

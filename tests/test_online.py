@@ -196,3 +196,24 @@ def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, 
     for key in straight:
         if not key.startswith("time/"):
             np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+
+
+def test_summary_reports_the_mean_of_the_last_evaluations_and_the_dip(tmp_path):
+    """Two hand-made online runs: evaluations 0.50 -> 0.30 0.60 0.70 0.80 and 0.20 -> 0.25 0.10 0.40 0.40."""
+    import subprocess
+    import sys
+    from test_trainer import ROOT
+    runs = []
+    for seed, evaluations in enumerate([(0.5, 0.3, 0.6, 0.7, 0.8), (0.2, 0.25, 0.1, 0.4, 0.4)]):
+        run = tmp_path / f"online-seed{seed}"
+        run.mkdir()
+        rows = ["episode,step,eval/success,time/elapsed_s"]
+        for i, success in enumerate(evaluations):
+            rows += [f"{2 * i - 1},{20 * i - 10},,{i}"] * (i > 0) + [f"{2 * i},{20 * i},{success},{i}"]
+        (run / "online_metrics.csv").write_text("\n".join(rows) + "\n")
+        runs.append(str(run))
+    out = subprocess.run([sys.executable, "benchmarks/summarize.py", *runs, "--last", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "mean of the last 3 0.700; dip -0.200" in out            # (0.6 + 0.7 + 0.8) / 3; 0.3 - 0.5
+    assert "mean of the last 3 0.300; dip -0.100" in out            # (0.1 + 0.4 + 0.4) / 3; 0.1 - 0.2
+    assert "change from the first: 0.150 +/- 0.071; worst dip -0.200" in out   # 0.2 and 0.1
