@@ -26,11 +26,5 @@ run_seed() {
     --time_budget ${minutes} --num_epochs 10000 --updates_per_epoch 100 --eval_every 100000 --eval_episodes 20 --threads ${threads} \
     --save_dir runs/bench/${name}-seed$1 --overwrite --no_progress "${extra[@]}" > runs/bench/${name}-seed$1.log 2>&1
 }
-mkdir -p runs/bench
-seeds=(${SEEDS:-0 1 2})
-for seed in "${seeds[@]}"; do
-  run_seed ${seed} &
-  while [ "$(jobs -rp | wc -l)" -ge "${parallel}" ]; do sleep 5; done
-done
-wait
-python benchmarks/summarize.py "${seeds[@]/#/runs/bench/${name}-seed}"
+source benchmarks/seeds.sh
+run_seeds ${name} ${parallel}
