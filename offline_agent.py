@@ -70,9 +70,6 @@ class AgentConfig:
     inverse_beta: float = flag(0.0, "inverse temperature of the inverse dynamics' weights (0: unweighted)",
                                non_negative_float, group="training")
     tau: float = flag(0.02, "EMA rate of the target critics", unit_float, group="training")
-    critic_coef: float = flag(1.0, "weight of the critic loss in the window update: its share of the encoder's "
-                                   "gradient (Adam normalises each head's own steps)", non_negative_float,
-                              group="training")
     infonce_coef: float = flag(0.1, "weight of the InfoNCE loss", non_negative_float, group="training")
     state_coef: float = flag(1.0, "weight of the state-prediction loss", non_negative_float, group="training")
     reward_coef: float = flag(1.0, "weight of the reward/done loss", non_negative_float, group="training")
@@ -328,7 +325,7 @@ class OfflineAgent:
         advantage = self.actor_advantage(lat, batch)
         inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
         proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
-        total = (c.critic_coef * critic + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
+        total = (critic + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         for extra in (infonce_info, state_info, reward_info, inverse_info, proposer_info):
             info.update(extra)

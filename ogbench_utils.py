@@ -74,6 +74,14 @@ def make_env(name, **env_kwargs):
     return gymnasium.make(env_name_of(name), **env_kwargs)
 
 
+def reset_seeded(env, seed, options):
+    """env.reset(seed=seed) with the action space seeded too: OGBench's maze reset takes a few random actions
+    (action_space.sample(), which reset's seed leaves alone) before it reads the goal observation, so without
+    this an ant's goal joints, and every evaluation after them, would differ from run to run."""
+    env.action_space.seed(seed)
+    return env.reset(seed=seed, options=options)
+
+
 # ----------------------------------------------------------------------------- loading
 
 @dataclass
@@ -414,7 +422,7 @@ def evaluate(policy, dataset_name, episodes_per_task, seed=0, progress=True, tas
     for task_id in tasks:
         for episode in range(episodes_per_task):
             env = make_env(dataset_name, **env_kwargs)
-            ob, info = env.reset(seed=seed * 100_003 + task_id * 1_000 + episode, options=dict(task_id=task_id))
+            ob, info = reset_seeded(env, seed * 100_003 + task_id * 1_000 + episode, dict(task_id=task_id))
             envs.append(env)
             goals.append(info["goal"])
             observations.append(ob)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from offline_agent import CHECKPOINT_KEYS
 from ogbench_utils import (NUM_EVAL_TASKS, Trajectories, WindowSampler, check_dataset_name, concat_batches, env_name_of,
-                           evaluate, load_datasets, make_env, maze_cells)
+                           evaluate, load_datasets, make_env, maze_cells, reset_seeded)
 from online_agent import OnlineAgent, exploration_schedule, online_fraction_of_batch
 from utils import (CSVLogger, RunConfig, RunFolder, UserError, add_flags, check_finite, check_finite_actions,
                    check_finite_weights, exit_on_user_error, explicit_flags, flag, load_checkpoint, non_negative_int,
@@ -90,7 +90,7 @@ def reset_for_goal(env, episode, goal_source, rng, seed):
         init, goal = rng.choice(len(free), size=2, replace=False)
         options = dict(task_info=dict(init_ij=free[init], goal_ij=free[goal]))
     np.random.seed(seed)  # the maze draws its start and goal noise from numpy's global RNG
-    ob, info = env.reset(seed=seed, options=options)
+    ob, info = reset_seeded(env, seed, options)
     return ob, info["goal"]
 
 

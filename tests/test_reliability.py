@@ -227,3 +227,29 @@ def test_a_nan_action_ends_its_episode_as_a_failure_counted_per_task():
     assert result["task5_success"] == 0.0 and result["task5_non_finite"] == 2 and result["non_finite_episodes"] == 2
     assert all(result[f"task{k}_non_finite"] == 0 for k in range(1, 5))
     assert max(result[f"task{k}_success"] for k in range(1, 5)) > 0   # the same policy, unpoisoned, succeeds
+
+
+class RecordGoals:
+    """A policy that stands still and keeps the goals evaluation gives it."""
+
+    def __init__(self, action_dim):
+        self.action_dim, self.goals = action_dim, None
+
+    def make_actor(self, goals):
+        import types
+        self.goals = goals
+        return types.SimpleNamespace(act=lambda obs: np.zeros((len(obs), self.action_dim), np.float32),
+                                     keep=lambda rows: None)
+
+
+def test_antmaze_evaluation_gives_the_same_goal_observations_every_time():
+    """OGBench's maze reset reads the goal observation after a few random actions drawn from the action space;
+    unseeded, an ant's goal joints differed from run to run, and with them every antmaze evaluation."""
+    from ogbench_utils import evaluate
+    goals = []
+    for _ in range(2):
+        policy = RecordGoals(action_dim=8)
+        evaluate(policy, "antmaze-medium-navigate-v0", 1, seed=3, progress=False, max_episode_steps=1)
+        goals.append(policy.goals)
+    assert goals[0].shape == (5, 29) and np.ptp(goals[0][:, 2:]) > 0
+    np.testing.assert_array_equal(goals[0], goals[1])
