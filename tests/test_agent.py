@@ -440,4 +440,3 @@ def test_a_checkpoint_saved_before_inverse_goal_acts_with_the_goal_input_it_was_
     assert OfflineAgent.from_checkpoint(state).config.inverse_goal == "goal"
     assert OfflineAgent.from_checkpoint(state, inverse_goal="subgoal").config.inverse_goal == "subgoal"
     assert OfflineAgent.from_checkpoint(small_agent().state_dict(), subgoal_source="data").config.inverse_goal == "subgoal"
-

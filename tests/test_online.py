@@ -1,4 +1,7 @@
 """Online fine-tuning: schedules, exploration, the replay buffer, and an end-to-end run."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from conftest import TINY_DATASET
 from ogbench_utils import Trajectories, WindowSampler
 from online_agent import OnlineAgent, exploration_schedule, goal_biased_subgoals, online_fraction_of_batch
 from offline_agent import AgentConfig
-from test_trainer import TINY_RUN
+from test_trainer import ROOT, TINY_RUN
 from utils import load_checkpoint, read_csv
 
 SCHEDULE = dict(epsilon_start=0.3, epsilon_end=0.05, action_noise_start=0.2, action_noise_end=0.05)
@@ -200,9 +203,6 @@ def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, 
 
 def test_summary_reports_the_mean_of_the_last_evaluations_and_the_dip(tmp_path):
     """Two hand-made online runs: evaluations 0.50 -> 0.30 0.60 0.70 0.80 and 0.20 -> 0.25 0.10 0.40 0.40."""
-    import subprocess
-    import sys
-    from test_trainer import ROOT
     runs = []
     for seed, evaluations in enumerate([(0.5, 0.3, 0.6, 0.7, 0.8), (0.2, 0.25, 0.1, 0.4, 0.4)]):
         run = tmp_path / f"online-seed{seed}"

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -236,7 +237,6 @@ class RecordGoals:
         self.action_dim, self.goals = action_dim, None
 
     def make_actor(self, goals):
-        import types
         self.goals = goals
         return types.SimpleNamespace(act=lambda obs: np.zeros((len(obs), self.action_dim), np.float32),
                                      keep=lambda rows: None)
