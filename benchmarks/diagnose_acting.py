@@ -8,12 +8,15 @@ Evaluates one checkpoint (OGBench protocol, all episodes side by side) with the 
                  shortest path, encoded as z' = E([s']); the inverse dynamics' success under a perfect high level
   oracle_policy  no learning: the dataset recipe's own policy (pointmaze: the unit step to the oracle's subgoal;
                  antmaze: the directional expert steered by it), the ceiling the data sets
-Works on every OGBench maze (x-y are the first two observation numbers in each).
+Works on every OGBench maze (x-y are the first two observation numbers in each). With --plot_dir, each mode's
+x-y paths are drawn over the maze, one panel per task (DIR/paths_MODE.png): where the failing episodes end up.
 
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --dataset pointmaze-medium-navigate-v0
     python benchmarks/diagnose_acting.py CKPT --dataset antmaze-medium-navigate-v0 --modes default,oracle --eval_episodes 20
+    python benchmarks/diagnose_acting.py CKPT --dataset pointmaze-medium-stitch-v0 --modes default --plot_dir runs/paths
 """
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -21,8 +24,8 @@ import torch
 from common import machine_line
 from offline_agent import Actor, OfflineAgent
 from offline_trainer import set_run_subgoal_data
-from ogbench_utils import OracleSubgoals, data_policy, evaluate, make_env
-from utils import load_checkpoint
+from ogbench_utils import NUM_EVAL_TASKS, OracleSubgoals, data_policy, evaluate, make_env
+from utils import atomic_write, load_checkpoint
 
 MODES = ("default", "proposer", "goal", "oracle", "oracle_policy")
 
@@ -56,6 +59,65 @@ class OverridePolicy:
         return SubgoalOverride(self.agent, goals, self.mode, self.maze)
 
 
+class PathRecorder:
+    """Wraps a policy: records every episode's x-y at each step of the evaluation (episodes in evaluate's order)."""
+
+    def __init__(self, policy):
+        self.policy, self.paths, self.goals = policy, [], None
+
+    def make_actor(self, goals):
+        self.goals = np.asarray(goals)[:, :2]
+        self.paths = [[] for _ in goals]
+        return _RecordingActor(self.policy.make_actor(goals), self.paths)
+
+
+class _RecordingActor:
+    def __init__(self, actor, paths):
+        self.actor, self.paths, self.rows = actor, paths, np.arange(len(paths))
+
+    def act(self, observations):
+        for row, ob in zip(self.rows, np.asarray(observations)):
+            self.paths[row].append(ob[:2].copy())
+        return self.actor.act(observations)
+
+    def keep(self, rows):
+        self.rows = self.rows[rows]
+        self.actor.keep(rows)
+
+
+def plot_paths(maze, recorder, episodes_per_task, max_steps, title, png_path):
+    """One panel per task: the maze's walls, each episode's path (green if it ended before the step limit, i.e.
+    reached its goal, red if it ran out of time), its start (dot) and goal (star)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    unit = maze._maze_unit
+    fig, axes = plt.subplots(1, NUM_EVAL_TASKS, figsize=(4 * NUM_EVAL_TASKS, 4))
+    for task, ax in enumerate(axes):
+        for i, j in zip(*np.nonzero(maze.maze_map == 1)):
+            x, y = maze.ij_to_xy((i, j))
+            ax.add_patch(Rectangle((x - unit / 2, y - unit / 2), unit, unit, color="0.75"))
+        rows = range(task * episodes_per_task, (task + 1) * episodes_per_task)
+        for row in rows:
+            path = np.asarray(recorder.paths[row])
+            reached = len(path) < max_steps
+            ax.plot(path[:, 0], path[:, 1], color="tab:green" if reached else "tab:red", lw=0.8, alpha=0.6)
+            ax.plot(*path[0], "o", color="k", ms=3)
+        successes = sum(len(recorder.paths[row]) < max_steps for row in rows)
+        ax.plot(*recorder.goals[rows[0]], "*", color="gold", ms=14, mec="k")
+        ax.set_title(f"task {task + 1}: {successes}/{episodes_per_task} ended early")
+        ax.set_aspect("equal")
+        ax.autoscale_view()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="an OPSO checkpoint")
@@ -66,10 +128,12 @@ def main():
     parser.add_argument("--eval_episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed")
     parser.add_argument("--max_episode_steps", type=int, default=None, help="episode limit (default: the env's)")
+    parser.add_argument("--plot_dir", default=None, help="draw each mode's x-y paths per task to DIR/paths_MODE.png")
     args = parser.parse_args()
     print(machine_line())
     checkpoint = load_checkpoint(args.checkpoint)
-    env = make_env(args.dataset)
+    env = make_env(args.dataset, **({} if args.max_episode_steps is None else
+                                    dict(max_episode_steps=args.max_episode_steps)))
     maze = env.unwrapped
     for mode in args.modes.split(","):
         if mode not in MODES:
@@ -81,11 +145,17 @@ def main():
             set_run_subgoal_data(policy, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir)
         else:
             policy = OverridePolicy(OfflineAgent.from_checkpoint(checkpoint, subgoal_source="proposer"), mode, maze)
+        if args.plot_dir:
+            policy = PathRecorder(policy)
         result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed, progress=False,
                           max_episode_steps=args.max_episode_steps)
         tasks = " ".join(f"{result[f'task{k}_success']:.2f}" for k in range(1, 6))
         print(f"{mode:>14}: success {result['success']:.3f} (tasks {tasks}), mean episode length "
               f"{result['episode_length']:.0f}", flush=True)
+        if args.plot_dir:
+            os.makedirs(args.plot_dir, exist_ok=True)
+            plot_paths(maze, policy, args.eval_episodes, env.spec.max_episode_steps,
+                       f"{args.dataset}, {mode}: {args.checkpoint}", os.path.join(args.plot_dir, f"paths_{mode}.png"))
     env.close()
 
 

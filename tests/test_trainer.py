@@ -119,10 +119,11 @@ def test_the_flags_are_the_config_fields_and_evaluate_takes_the_acting_ones():
     assert all(getattr(overrides, name) is None for name in field_names(AgentConfig, "acting"))
 
 
-def test_diagnose_acting_runs_every_mode_on_a_finished_run(deterministic_run):
+def test_diagnose_acting_runs_every_mode_on_a_finished_run_and_draws_its_paths(deterministic_run, tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/diagnose_acting.py", str(deterministic_run / "last_model.pth"),
-                             "--dataset", TINY_DATASET, "--eval_episodes", "1", "--max_episode_steps", "20"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--dataset", TINY_DATASET, "--eval_episodes", "1", "--max_episode_steps", "20",
+                             "--plot_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for mode in ("default", "proposer", "goal", "oracle", "oracle_policy"):
         assert f"{mode:>14}: success " in result.stdout
+        assert (tmp_path / f"paths_{mode}.png").stat().st_size > 10_000
