@@ -68,9 +68,12 @@ def env_name_of(name):
     return "-".join(parts[:-2] + parts[-1:])
 
 
-def make_env(name, **env_kwargs):
+def make_env(name, max_episode_steps=None, **env_kwargs):
+    """The dataset's environment; max_episode_steps None keeps the environment's own limit."""
     check_dataset_name(name)
     import ogbench  # noqa: F401  (registers the environments)
+    if max_episode_steps is not None:
+        env_kwargs["max_episode_steps"] = max_episode_steps
     return gymnasium.make(env_name_of(name), **env_kwargs)
 
 
@@ -417,11 +420,10 @@ def evaluate(policy, dataset_name, episodes_per_task, seed=0, progress=True, tas
     # the maze's start and goal noise comes from numpy's global RNG: seed it, so every evaluation of a
     # run (and of a resumed run) starts from the same positions
     np.random.seed(seed)
-    env_kwargs = {} if max_episode_steps is None else dict(max_episode_steps=max_episode_steps)
     envs, goals, observations, task_of = [], [], [], []
     for task_id in tasks:
         for episode in range(episodes_per_task):
-            env = make_env(dataset_name, **env_kwargs)
+            env = make_env(dataset_name, max_episode_steps)
             ob, info = reset_seeded(env, seed * 100_003 + task_id * 1_000 + episode, dict(task_id=task_id))
             envs.append(env)
             goals.append(info["goal"])

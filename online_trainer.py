@@ -154,8 +154,7 @@ def parse_run(argv):
 def main(argv=None):
     args, folder, checkpoint = parse_run(argv)
     device = setup_torch(args.threads, args.device)
-    env = make_env(args.dataset, **({} if args.max_episode_steps is None else
-                                    dict(max_episode_steps=args.max_episode_steps)))
+    env = make_env(args.dataset, args.max_episode_steps)
     agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
     agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0],
                           source=folder.path("last_online_model.pth") if args.resume else args.checkpoint)

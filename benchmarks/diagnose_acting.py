@@ -94,20 +94,19 @@ def plot_paths(maze, recorder, episodes_per_task, max_steps, title, png_path):
     from matplotlib.patches import Rectangle
 
     unit = maze._maze_unit
+    walls = [maze.ij_to_xy(ij) for ij in zip(*np.nonzero(maze.maze_map == 1))]
     fig, axes = plt.subplots(1, NUM_EVAL_TASKS, figsize=(4 * NUM_EVAL_TASKS, 4))
     for task, ax in enumerate(axes):
-        for i, j in zip(*np.nonzero(maze.maze_map == 1)):
-            x, y = maze.ij_to_xy((i, j))
+        for x, y in walls:
             ax.add_patch(Rectangle((x - unit / 2, y - unit / 2), unit, unit, color="0.75"))
         rows = range(task * episodes_per_task, (task + 1) * episodes_per_task)
-        for row in rows:
-            path = np.asarray(recorder.paths[row])
-            reached = len(path) < max_steps
-            ax.plot(path[:, 0], path[:, 1], color="tab:green" if reached else "tab:red", lw=0.8, alpha=0.6)
+        paths = [np.asarray(recorder.paths[row]) for row in rows]
+        ended_early = [len(path) < max_steps for path in paths]
+        for path, early in zip(paths, ended_early):
+            ax.plot(path[:, 0], path[:, 1], color="tab:green" if early else "tab:red", lw=0.8, alpha=0.6)
             ax.plot(*path[0], "o", color="k", ms=3)
-        successes = sum(len(recorder.paths[row]) < max_steps for row in rows)
         ax.plot(*recorder.goals[rows[0]], "*", color="gold", ms=14, mec="k")
-        ax.set_title(f"task {task + 1}: {successes}/{episodes_per_task} ended early")
+        ax.set_title(f"task {task + 1}: {sum(ended_early)}/{episodes_per_task} ended early")
         ax.set_aspect("equal")
         ax.autoscale_view()
         ax.set_xticks([])
@@ -132,8 +131,7 @@ def main():
     args = parser.parse_args()
     print(machine_line())
     checkpoint = load_checkpoint(args.checkpoint)
-    env = make_env(args.dataset, **({} if args.max_episode_steps is None else
-                                    dict(max_episode_steps=args.max_episode_steps)))
+    env = make_env(args.dataset, args.max_episode_steps)
     maze = env.unwrapped
     for mode in args.modes.split(","):
         if mode not in MODES:
