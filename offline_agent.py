@@ -136,6 +136,10 @@ class Latents(NamedTuple):
     z_value_goal: torch.Tensor       # E([g]) of the value goals (OGBench's relabelling)
     z_actor_goal: torch.Tensor       # E([g]) of the actor goals (same-trajectory future)
 
+    def at_rows(self, b, t):
+        """The latents of window positions (b, t) as rows (N, latent)."""
+        return Latents(*(None if z is None else z[b, t] for z in self))
+
 
 def expectile_loss(diff, expectile):
     """IQL's asymmetric square: weight `expectile` where diff = target - prediction > 0, else 1 - expectile."""
@@ -168,12 +172,16 @@ def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def positions_with_a_subgoal(batch):
+    """(b, t): the window positions with a subgoal k steps ahead (future_valid)."""
+    return batch["future_valid"].nonzero(as_tuple=True)
+
+
 def rows_with_a_subgoal(batch):
-    """The positions of a batch of windows that have a subgoal k steps ahead (future_valid), flattened:
-    every per-position entry (N, ...) and the observation k steps ahead, o_{t+k} (N, obs_dim)."""
-    mask = batch["future_valid"]
-    b, t = mask.nonzero(as_tuple=True)
-    rows = {key: value[b, t] for key, value in batch.items() if value.shape[:2] == mask.shape}
+    """The positions of a batch of windows that have a subgoal k steps ahead, flattened: every per-position entry
+    (N, ...) and the observation k steps ahead, o_{t+k} (N, obs_dim)."""
+    b, t = positions_with_a_subgoal(batch)
+    rows = {key: value[b, t] for key, value in batch.items() if value.shape[:2] == batch["future_valid"].shape}
     return rows, batch["observations"][b, batch["future_offset"][b, t]]
 
 
@@ -249,15 +257,15 @@ class OfflineAgent:
 
     # ------------------------------------------------------------------ losses
 
-    def critic_loss(self, lat, batch, valid):
+    # The losses below read rows: latents and batch entries of the positions with a subgoal (`at_rows`).
+    def critic_loss(self, lat, rows):
         with torch.no_grad():
             next_v = self.targets["value"](lat.z_subgoal, lat.z_value_goal)
-            q_target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+            q_target = rows["kstep_returns"] + rows["kstep_discounts"] * rows["kstep_masks"] * next_v
         q1, q2 = self.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
-        loss = masked_mean((q1 - q_target).square() + (q2 - q_target).square(), valid)
-        return loss, {"critic/loss": loss, "critic/q_mean": masked_mean(q1, valid),
-                      "critic/q_min": q1[valid > 0].min(), "critic/q_max": q1[valid > 0].max(),
-                      "critic/target_mean": masked_mean(q_target, valid)}
+        loss = ((q1 - q_target).square() + (q2 - q_target).square()).mean()
+        return loss, {"critic/loss": loss, "critic/q_mean": q1.mean(), "critic/q_min": q1.min(),
+                      "critic/q_max": q1.max(), "critic/target_mean": q_target.mean()}
 
     def infonce_loss(self, lat, step_valid):
         flat_z, flat_goal = lat.z.reshape(-1, lat.z.shape[-1]), lat.z_actor_goal.reshape(-1, lat.z.shape[-1])
@@ -273,58 +281,60 @@ class OfflineAgent:
         loss = masked_mean(error, batch["next_valid"][:, :-1].float())
         return loss, {"state/loss": loss}
 
-    def reward_loss(self, lat, batch, valid):
+    def reward_loss(self, lat, rows):
         reward_pred, done_logit = self.heads.reward(lat.z, lat.z_subgoal, lat.z_value_goal).unbind(-1)
-        reward_mse = masked_mean((reward_pred - batch["rewards"]).square(), valid)
-        done_bce = masked_mean(F.binary_cross_entropy_with_logits(
-            done_logit, batch["successes"].float(), reduction="none"), valid)
+        reward_mse = (reward_pred - rows["rewards"]).square().mean()
+        done_bce = F.binary_cross_entropy_with_logits(done_logit, rows["successes"].float())
         loss = reward_mse + done_bce
         return loss, {"reward/loss": loss, "reward/reward_mse": reward_mse, "reward/done_bce": done_bce}
 
-    def actor_advantage(self, lat, batch):
+    def actor_advantage(self, lat, rows):
         """HIQL's high-level advantage toward the actor goal: the data's own k-step return plus the discounted
         V(z_{t+k}, z_g), minus V(z_t, z_g). The environment is deterministic, so the k-step target is Q of the
         data's z' without the critic's fit error."""
         with torch.no_grad():
             v = self.heads.value(lat.z_obs, lat.z_actor_goal)
-            bootstrap = batch["kstep_discounts"] * batch["actor_kstep_masks"] * self.heads.value(lat.z_subgoal,
-                                                                                                   lat.z_actor_goal)
-            return batch["actor_kstep_returns"] + bootstrap - v
+            bootstrap = rows["kstep_discounts"] * rows["actor_kstep_masks"] * self.heads.value(lat.z_subgoal,
+                                                                                                 lat.z_actor_goal)
+            return rows["actor_kstep_returns"] + bootstrap - v
 
-    def inverse_loss(self, lat, batch, advantage, valid):
+    def inverse_loss(self, lat, rows, advantage):
         """I(z_t, z'', z_g) -> a_t. Unweighted by default: exp(3 A) singles out a few transitions per batch and
         leaves I imprecise (BENCHMARKS.md)."""
         with torch.no_grad():
             weights = advantage_weights(advantage, self.config.inverse_beta)
-        action_error = (self.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - batch["actions"]).square().sum(-1)
-        loss = masked_mean(weights * action_error, valid)
-        return loss, {"inverse/loss": loss, "inverse/action_mse": masked_mean(action_error, valid),
-                      "inverse/advantage_mean": masked_mean(advantage, valid)}
+        action_error = (self.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - rows["actions"]).square().sum(-1)
+        loss = (weights * action_error).mean()
+        return loss, {"inverse/loss": loss, "inverse/action_mse": action_error.mean(),
+                      "inverse/advantage_mean": advantage.mean()}
 
     def action(self, z, z_subgoal, z_goal):
         """I(z, z', .) with the config's goal input (`inverse_goal`)."""
         return self.heads.action(z, z_subgoal, z_subgoal if self.config.inverse_goal == "subgoal" else z_goal)
 
-    def proposer_loss(self, lat, advantage, valid):
+    def proposer_loss(self, lat, advantage):
         """AWR for P(z, z_g) -> z': the data's subgoal, weighted by exp(beta A); no gradient into the latents."""
         with torch.no_grad():
             weights = advantage_weights(advantage, self.config.beta)
         proposal = self.heads.proposer(lat.z.detach(), lat.z_actor_goal.detach())
-        loss = masked_mean(weights * (proposal - lat.z_subgoal.detach()).square().sum(-1), valid)
-        return loss, {"proposer/loss": loss, "proposer/weight_mean": masked_mean(weights, valid)}
+        loss = (weights * (proposal - lat.z_subgoal.detach()).square().sum(-1)).mean()
+        return loss, {"proposer/loss": loss, "proposer/weight_mean": weights.mean()}
 
     def total_loss(self, batch):
-        """Every loss but the value's on a batch of windows, weighted and summed; (total, info namespaced per loss)."""
+        """Every loss but the value's on a batch of windows, weighted and summed; (total, info namespaced per loss).
+        InfoNCE and the state predictor read whole windows, the heads that need a subgoal only the positions
+        that have one."""
         c = self.config
         lat = self.encode_windows(batch)
-        valid = batch["future_valid"].float()
-        critic, info = self.critic_loss(lat, batch, valid)
+        rows, _ = rows_with_a_subgoal(batch)
+        row_lat = lat.at_rows(*positions_with_a_subgoal(batch))
+        critic, info = self.critic_loss(row_lat, rows)
         infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
         state, state_info = self.state_loss(lat, batch)
-        reward, reward_info = self.reward_loss(lat, batch, valid)
-        advantage = self.actor_advantage(lat, batch)
-        inverse, inverse_info = self.inverse_loss(lat, batch, advantage, valid)
-        proposer, proposer_info = self.proposer_loss(lat, advantage, valid)
+        reward, reward_info = self.reward_loss(row_lat, rows)
+        advantage = self.actor_advantage(row_lat, rows)
+        inverse, inverse_info = self.inverse_loss(row_lat, rows, advantage)
+        proposer, proposer_info = self.proposer_loss(row_lat, advantage)
         total = (critic + c.infonce_coef * infonce + c.state_coef * state + c.reward_coef * reward
                  + inverse + c.proposer_coef * proposer)
         for extra in (infonce_info, state_info, reward_info, inverse_info, proposer_info):
@@ -337,7 +347,7 @@ class OfflineAgent:
         about 35% of a full update, BENCHMARKS.md)."""
         rows, future_observations = rows_with_a_subgoal(batch)
         lat = self.encode_single_observations(rows, future_observations)
-        critic, _ = self.critic_loss(lat, rows, torch.ones(len(lat.z), device=lat.z.device))
+        critic, _ = self.critic_loss(lat, rows)
         return critic, {"critic_steps/critic_loss": critic}
 
     def value_step_loss(self, batch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offline_agent import (AgentConfig, DataSubgoals, OfflineAgent, StallSwitch, SubgoalTable, advantage_weights,
-                           at_positions, expectile_loss, info_nce_loss, rows_with_a_subgoal)
+                           at_positions, expectile_loss, info_nce_loss, positions_with_a_subgoal, rows_with_a_subgoal)
 from ogbench_utils import Trajectories, WindowSampler
 from utils import UserError, load_checkpoint, save_checkpoint
 
@@ -106,21 +106,44 @@ def test_inverse_subgoal_is_the_goal_encoding_of_the_sampled_state():
 
 def test_inverse_loss_is_unweighted_by_default_and_weighted_with_inverse_beta():
     data, batch = small_batch()
-    valid = batch["future_valid"].float()
+    rows, _ = rows_with_a_subgoal(batch)
     losses = {}
     for inverse_beta in (0.0, 2.0):
         agent = normalized_agent(data, inverse_beta=inverse_beta)
         with torch.no_grad():
-            lat = agent.encode_windows(batch)
-            advantage = agent.actor_advantage(lat, batch)
-            loss, info = agent.inverse_loss(lat, batch, advantage, valid)
+            lat = agent.encode_windows(batch).at_rows(*positions_with_a_subgoal(batch))
+            advantage = agent.actor_advantage(lat, rows)
+            loss, info = agent.inverse_loss(lat, rows, advantage)
         losses[inverse_beta] = (loss, info["inverse/action_mse"], advantage, lat)
     loss, mse, _, _ = losses[0.0]
     torch.testing.assert_close(loss, mse)
     loss, _, advantage, lat = losses[2.0]
-    error = (agent.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - batch["actions"]).square().sum(-1)
-    expected = (torch.exp(2.0 * advantage).clamp(max=100.0) * error * valid).sum() / valid.sum()
+    error = (agent.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - rows["actions"]).square().sum(-1)
+    expected = (torch.exp(2.0 * advantage).clamp(max=100.0) * error).mean()
     torch.testing.assert_close(loss, expected.detach())
+
+
+def test_window_losses_equal_their_masked_means_over_whole_windows_and_ignore_positions_without_a_subgoal():
+    data, batch = small_batch()
+    agent = normalized_agent(data)
+    valid = batch["future_valid"].float()
+    with torch.no_grad():
+        total, info = agent.total_loss(batch)
+        lat = agent.encode_windows(batch)                      # the whole windows, as a slow reference
+        next_v = agent.targets["value"](lat.z_subgoal, lat.z_value_goal)
+        target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+        q1, q2 = agent.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
+        critic = (((q1 - target).square() + (q2 - target).square()) * valid).sum() / valid.sum()
+        spoiled = dict(batch)
+        for key in ("kstep_returns", "actor_kstep_returns", "rewards", "actions", "value_goals"):
+            noise = 1e3 * torch.randn_like(batch[key])
+            mask = (1 - valid).reshape(*valid.shape, *[1] * (noise.dim() - 2))
+            spoiled[key] = batch[key] + noise * mask
+        _, spoiled_info = agent.total_loss(spoiled)
+    assert info["critic/loss"].item() == pytest.approx(critic.item(), rel=1e-5)
+    assert 0 < valid.sum() < valid.numel()
+    for key in ("critic/loss", "reward/loss", "inverse/loss", "proposer/loss"):
+        assert spoiled_info[key].item() == pytest.approx(info[key].item(), rel=1e-5), key
 
 
 def test_a_checkpoint_of_the_older_format_is_one_clear_line(tmp_path):
@@ -181,9 +204,10 @@ def test_critic_step_on_valid_rows_equals_the_masked_loss_over_whole_windows():
     with torch.no_grad():
         z, z_goal = agent.encoder.encode_goals(torch.stack([batch["observations"], batch["value_goals"]]))
         z_ahead = at_positions(z, batch["future_offset"])
-        lat = agent.encode_single_observations(*rows_with_a_subgoal(batch))
-        whole = lat._replace(z=z, z_obs=z, z_subgoal=z_ahead, z_value_goal=z_goal)
-        critic, _ = agent.critic_loss(whole, batch, valid)
+        next_v = agent.targets["value"](z_ahead, z_goal)
+        target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+        q1, q2 = agent.heads.q_values(z, z_ahead, z_goal)
+        critic = (((q1 - target).square() + (q2 - target).square()) * valid).sum() / valid.sum()
         _, info = agent.critic_step_loss(batch)
     assert float(info["critic_steps/critic_loss"]) == pytest.approx(float(critic), rel=1e-5)
 
@@ -282,9 +306,10 @@ def test_data_subgoals_are_the_states_k_steps_ahead_in_their_own_trajectory():
         assert ahead[0] == min(row + 3, data.traj_ends[row])                          # ahead, clamped at the end
 
 
-def test_data_subgoal_is_the_successor_of_a_state_nearest_by_position_with_the_best_value():
+@pytest.mark.parametrize("neighbors", [1, 7, 1000])     # 1000: more than the 60 kept states, so all of them
+def test_data_subgoal_is_the_successor_of_a_state_nearest_by_position_with_the_best_value(neighbors):
     data, _ = small_batch(obs_dim=4)
-    agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=7, data_stride=2)
+    agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=neighbors, data_stride=2)
     agent.set_subgoal_data(data)
     observations = torch.as_tensor(data.observations[[3, 50, 101]]) + 0.3
     goals = torch.as_tensor(data.observations[[20, 0, 119]])
@@ -294,7 +319,8 @@ def test_data_subgoal_is_the_successor_of_a_state_nearest_by_position_with_the_b
         chosen = SubgoalTable(agent, bank, z_goal).subgoals(observations)
         # reference: brute force in float64 over the bank
         positions = agent.encoder.normalize(bank.states)[:, :2].double()
-        nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2].double(), positions).argsort(dim=1)[:, :7]
+        nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2].double(), positions).argsort(dim=1)
+        nearest = nearest[:, :neighbors]
         for i in range(3):
             valued = agent.encoder.encode_goals(bank.successors[nearest[i]])
             values = agent.heads.value(valued, z_goal[i].expand_as(valued))
@@ -399,13 +425,14 @@ def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_va
     data, batch = small_batch()
     agent = normalized_agent(data, value_steps=1)
     with torch.no_grad():
+        b, t = positions_with_a_subgoal(batch)
         lat = agent.encode_windows(batch)
-        advantage = agent.actor_advantage(lat, batch)
+        advantage = agent.actor_advantage(lat.at_rows(b, t), rows_with_a_subgoal(batch)[0])
         single = agent.encoder.encode_goals(batch["observations"])
         v_now = agent.heads.value(single, lat.z_actor_goal)
         v_ahead = agent.heads.value(at_positions(single, batch["future_offset"]), lat.z_actor_goal)
     expected = batch["actor_kstep_returns"] + batch["kstep_discounts"] * batch["actor_kstep_masks"] * v_ahead - v_now
-    torch.testing.assert_close(advantage, expected)
+    torch.testing.assert_close(advantage, expected[b, t])
     _, info = agent.total_loss(batch)
     assert "value/loss" not in info                           # V is trained by the value steps alone
     info = agent.update(batch, value_batches=[WindowSampler(data, 12, 3, 0.99).sample_transitions(32, 3)])

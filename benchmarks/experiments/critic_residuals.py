@@ -9,7 +9,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from offline_agent import OfflineAgent  # noqa: E402
+from offline_agent import OfflineAgent, positions_with_a_subgoal, rows_with_a_subgoal  # noqa: E402
 from ogbench_utils import DEFAULT_DATASET_DIR, WindowSampler, load_datasets  # noqa: E402
 from utils import load_checkpoint  # noqa: E402
 
@@ -27,24 +27,25 @@ def main():
     data, _ = load_datasets(args.dataset, args.dataset_dir or checkpoint.get("run_config", {}).get(
         "dataset_dir", DEFAULT_DATASET_DIR))
     batch = WindowSampler(data, **agent.config.sampler_settings(), seed=args.seed).sample(args.windows)
+    rows, _ = rows_with_a_subgoal(batch)
     with torch.no_grad():
-        lat = agent.encode_windows(batch)
-        valid = batch["future_valid"]
-        loss, info = agent.critic_loss(lat, batch, valid.float())
+        lat = agent.encode_windows(batch).at_rows(*positions_with_a_subgoal(batch))
+        loss, info = agent.critic_loss(lat, rows)
         next_v = agent.targets["value"](lat.z_subgoal, lat.z_value_goal)
-        target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
+        target = rows["kstep_returns"] + rows["kstep_discounts"] * rows["kstep_masks"] * next_v
         q1, _ = agent.heads.q_values(lat.z, lat.z_subgoal, lat.z_value_goal)
-    current = (batch["value_goals"] == batch["observations"]).all(-1)
-    reached = batch["kstep_masks"] == 0
+    every = torch.ones_like(target, dtype=torch.bool)
+    current = (rows["value_goals"] == rows["observations"]).all(-1)
+    reached = rows["kstep_masks"] == 0
     error = q1 - target
     print(f"{args.checkpoint} (step {checkpoint['step']}), {args.dataset}: {args.windows} windows, "
           f"critic loss (both Q's) {float(loss):.1f}")
-    for name, rows in (("all", valid), ("goal = current state", valid & current),
-                       ("other goals", valid & ~current), ("goal reached within k", valid & reached),
-                       ("bootstrapped", valid & ~reached)):
-        e = error[rows]
-        print(f"{name:>22}: {int(rows.sum()):5d} rows, MSE {float(e.square().mean()):7.1f}, mean error "
-              f"{float(e.mean()):+6.2f}, mean target {float(target[rows].mean()):6.1f}, mean Q {float(q1[rows].mean()):6.1f}")
+    for name, mask in (("all", every), ("goal = current state", current),
+                       ("other goals", ~current), ("goal reached within k", reached),
+                       ("bootstrapped", ~reached)):
+        e = error[mask]
+        print(f"{name:>22}: {int(mask.sum()):5d} rows, MSE {float(e.square().mean()):7.1f}, mean error "
+              f"{float(e.mean()):+6.2f}, mean target {float(target[mask].mean()):6.1f}, mean Q {float(q1[mask].mean()):6.1f}")
 
 
 if __name__ == "__main__":
