@@ -177,12 +177,17 @@ def positions_with_a_subgoal(batch):
     return batch["future_valid"].nonzero(as_tuple=True)
 
 
+def rows_at(batch, positions):
+    """Every per-position entry of a batch of windows at positions (b, t), flattened to rows (N, ...)."""
+    b, t = positions
+    return {key: value[b, t] for key, value in batch.items() if value.shape[:2] == batch["future_valid"].shape}
+
+
 def rows_with_a_subgoal(batch):
     """The positions of a batch of windows that have a subgoal k steps ahead, flattened: every per-position entry
     (N, ...) and the observation k steps ahead, o_{t+k} (N, obs_dim)."""
-    b, t = positions_with_a_subgoal(batch)
-    rows = {key: value[b, t] for key, value in batch.items() if value.shape[:2] == batch["future_valid"].shape}
-    return rows, batch["observations"][b, batch["future_offset"][b, t]]
+    b, t = positions = positions_with_a_subgoal(batch)
+    return rows_at(batch, positions), batch["observations"][b, batch["future_offset"][b, t]]
 
 
 def floats(info):
@@ -326,8 +331,8 @@ class OfflineAgent:
         that have one."""
         c = self.config
         lat = self.encode_windows(batch)
-        rows, _ = rows_with_a_subgoal(batch)
-        row_lat = lat.at_rows(*positions_with_a_subgoal(batch))
+        positions = positions_with_a_subgoal(batch)
+        rows, row_lat = rows_at(batch, positions), lat.at_rows(*positions)
         critic, info = self.critic_loss(row_lat, rows)
         infonce, infonce_info = self.infonce_loss(lat, batch["step_valid"])
         state, state_info = self.state_loss(lat, batch)

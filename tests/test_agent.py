@@ -128,7 +128,7 @@ def test_window_losses_equal_their_masked_means_over_whole_windows_and_ignore_po
     agent = normalized_agent(data)
     valid = batch["future_valid"].float()
     with torch.no_grad():
-        total, info = agent.total_loss(batch)
+        _, info = agent.total_loss(batch)
         lat = agent.encode_windows(batch)                      # the whole windows, as a slow reference
         next_v = agent.targets["value"](lat.z_subgoal, lat.z_value_goal)
         target = batch["kstep_returns"] + batch["kstep_discounts"] * batch["kstep_masks"] * next_v
