@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from model import MAMBA_BACKENDS, EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
 from utils import (CHECKPOINT_FORMAT, UserError, context_int, discount_float, flag, non_negative_float,
@@ -627,32 +628,104 @@ class SubgoalTable:
     Each candidate is a real state about k steps from the agent, so Q(z, z', z_g), k rewards of -1 plus
     gamma^k V(z', z_g), ranks them as V does; V is trained on these very encodings and Q scored on such pairs
     picked worse (BENCHMARKS.md). Unlike the proposer's regression, which can land between two paths around a
-    wall, the subgoal is always a state the data reached. The goals stay fixed over the episodes, so V is computed
-    for every (state, goal) once, here; a step then costs a nearest-neighbour search.
+    wall, the subgoal is always a state the data reached. The goals stay fixed over the episodes, so E([o_j]) and
+    V(E([o_j]), z_g) are computed once per state and goal, when a search first returns the state: an episode meets
+    a fraction of the maze's states, and encoding all 200,000 took 6 s, longer than most episodes.
     """
 
-    def __init__(self, agent, data, z_goal, chunk=65536):
-        self.encoder = agent.encoder
-        self.neighbors = min(agent.config.data_neighbors, len(data))
-        self.positions = self.encoder.normalize(data.states)[:, :2]
-        self.latents = torch.cat([self.encoder.encode_goals(part) for part in data.successors.split(chunk)])
-        value = agent.heads.value
-        self.values = torch.stack([torch.cat([value(part, goal.expand_as(part)) for part in self.latents.split(chunk)])
-                                   for goal in z_goal])
-
-    def nearest(self, observations):
-        """(N, neighbors): indices of the kept states nearest by position to each observation (N, obs_dim)."""
-        distances = torch.cdist(self.encoder.normalize(observations)[:, :2], self.positions)
-        return distances.topk(self.neighbors, dim=1, largest=False).indices
+    def __init__(self, agent, data, z_goal, chunk=4096):
+        self.encoder, self.value, self.chunk = agent.encoder, agent.heads.value, chunk
+        self.successors, self.z_goal = data.successors, z_goal
+        self.nearest = NearestByPosition(self.encoder.normalize(data.states)[:, :2],
+                                         min(agent.config.data_neighbors, len(data)))
+        self.latents = torch.zeros(len(data), agent.config.latent_dim, device=z_goal.device)
+        self.encoded = torch.zeros(len(data), dtype=torch.bool, device=z_goal.device)
+        self.values = torch.zeros(len(z_goal), len(data), device=z_goal.device)
+        self.valued = torch.zeros(len(z_goal), len(data), dtype=torch.bool, device=z_goal.device)
 
     def subgoals(self, observations):
         """(N, Z): each episode's subgoal latent at observations (N, obs_dim)."""
-        nearest = self.nearest(observations)
-        best = nearest.gather(1, self.values.gather(1, nearest).argmax(dim=1, keepdim=True)).squeeze(1)
+        nearest = self.nearest(self.encoder.normalize(observations)[:, :2])
+        best = nearest.gather(1, self.values_of(nearest).argmax(dim=1, keepdim=True)).squeeze(1)
         return self.latents[best]
 
+    def values_of(self, states):
+        """(N, K): V(E([o_j]), z_g) of each episode's K states (N, K), computed for those not met before."""
+        rows, columns = (~self.valued.gather(1, states)).nonzero(as_tuple=True)
+        if len(rows):
+            new = states[rows, columns]
+            latents = self.latents_of(new)
+            self.values[rows, new] = torch.cat([self.value(z, goal) for z, goal in
+                                                zip(latents.split(self.chunk), self.z_goal[rows].split(self.chunk))])
+            self.valued[rows, new] = True
+        return self.values.gather(1, states)
+
+    def latents_of(self, states):
+        missing = states[~self.encoded[states]].unique()
+        if len(missing):
+            self.latents[missing] = torch.cat([self.encoder.encode_goals(part)
+                                               for part in self.successors[missing].split(self.chunk)])
+            self.encoded[missing] = True
+        return self.latents[states]
+
     def keep(self, rows):
-        self.values = self.values[rows]
+        self.z_goal, self.values, self.valued = self.z_goal[rows], self.values[rows], self.valued[rows]
+
+
+class NearestByPosition:
+    """The k kept positions nearest to each query, exactly, with a full search only once per grid cell visited.
+
+    A query q in the square cell of centre c and half-diagonal d is within d of c, so c's k nearest lie within
+    r_k(c) + d of q, and q's k nearest within r_k(c) + 2d of c (the triangle inequality twice). The states in that
+    disc are found once per cell, by a full search from c, and each query is searched among its cell's disc only.
+    The cell's side is a fraction of the typical r_k: a smaller one makes the discs tighter and the full searches
+    more frequent (BENCHMARKS.md, "Acting cost").
+    """
+
+    CELL_OF_RADIUS = 0.5   # the cell's side over the median r_k of a sample of the kept positions
+    SAMPLE = 64
+
+    def __init__(self, positions, k):
+        self.k, self.positions = k, positions
+        sample = positions[::max(1, len(positions) // self.SAMPLE)]
+        self.side = max(self.CELL_OF_RADIUS * self.kth_distance(self.distances_from(sample)).median().item(), 1e-6)
+        self.discs = {}   # cell (i, j) -> (indices, positions) of the kept positions within r_k(c) + 2d of its centre
+
+    def __call__(self, queries):
+        """(N, k) indices of the kept positions nearest to queries (N, 2), in no particular order."""
+        cells = [tuple(cell) for cell in torch.floor(queries / self.side).long().tolist()]
+        self.add_discs(sorted(set(cells) - self.discs.keys()))
+        discs = [self.discs[cell] for cell in cells]
+        candidates = pad_sequence([indices for indices, _ in discs], batch_first=True, padding_value=-1)
+        positions = pad_sequence([points for _, points in discs], batch_first=True, padding_value=math.inf)
+        distances = squared_distances(queries.unsqueeze(1), positions)
+        return candidates.gather(1, distances.topk(self.k, dim=1, largest=False, sorted=False).indices)
+
+    def kth_distance(self, distances):
+        """r_k from squared distances (n, M) to every kept position."""
+        return distances.topk(self.k, dim=1, largest=False, sorted=False).values.amax(dim=1).sqrt()
+
+    def distances_from(self, points):
+        return squared_distances(points.unsqueeze(1), self.positions.unsqueeze(0))
+
+    def add_discs(self, cells, chunk=64):
+        for part in range(0, len(cells), chunk):
+            keys = cells[part:part + chunk]
+            centres = (torch.tensor(keys, dtype=self.positions.dtype, device=self.positions.device) + 0.5) * self.side
+            distances = self.distances_from(centres)
+            # 2d = the cell's diagonal; the margin covers float32 rounding of the two searches' distances
+            radius = (self.kth_distance(distances) + math.sqrt(2) * self.side) * (1 + 1e-4) + 1e-6
+            inside = distances <= radius.unsqueeze(1) ** 2
+            for key, row in zip(keys, inside):
+                indices = row.nonzero().squeeze(1)
+                self.discs[key] = indices, self.positions[indices]
+
+
+def squared_distances(a, b):
+    """Squared Euclidean distances between broadcastable point sets a (..., 2) and b (..., 2) (padding at +inf
+    is infinitely far)."""
+    dx, dy = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
+    return dx * dx + dy * dy
 
 
 class StallSwitch:

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from offline_agent import (AgentConfig, DataSubgoals, OfflineAgent, StallSwitch, SubgoalTable, advantage_weights,
-                           at_positions, expectile_loss, info_nce_loss, positions_with_a_subgoal, rows_with_a_subgoal)
+from offline_agent import (AgentConfig, DataSubgoals, NearestByPosition, OfflineAgent, StallSwitch, SubgoalTable,
+                           advantage_weights, at_positions, expectile_loss, info_nce_loss, positions_with_a_subgoal,
+                           rows_with_a_subgoal)
 from ogbench_utils import Trajectories, WindowSampler
 from utils import UserError, load_checkpoint, save_checkpoint
 
@@ -326,6 +327,47 @@ def test_data_subgoal_is_the_successor_of_a_state_nearest_by_position_with_the_b
             values = agent.heads.value(valued, z_goal[i].expand_as(valued))
             best = nearest[i][values.argmax()]
             torch.testing.assert_close(chosen[i], agent.encoder.encode_goals(bank.successors[best][None])[0])
+
+
+@pytest.mark.parametrize("k", [1, 50, 3000])        # 3000: every kept position
+def test_nearest_by_position_finds_exactly_the_k_nearest_in_every_cell(k):
+    rng = np.random.default_rng(1)
+    # two dense clusters and a sparse spread: the k-th distance differs by cell
+    positions = torch.as_tensor(np.concatenate([rng.normal(0, 0.05, (1500, 2)), rng.normal(2, 0.3, (1000, 2)),
+                                                rng.uniform(-3, 3, (500, 2))]), dtype=torch.float32)
+    search = NearestByPosition(positions, k)
+    for _ in range(5):   # later calls reuse the cells found by earlier ones
+        queries = torch.as_tensor(np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.uniform(-6, 6, (20, 2))]),
+                                  dtype=torch.float32)
+        found = search(queries).sort(dim=1).values
+        reference = torch.cdist(queries.double(), positions.double()).argsort(dim=1)[:, :k].sort(dim=1).values
+        assert torch.equal(found, reference)
+    assert len(search.discs) > 1
+
+
+def test_data_subgoals_computed_when_first_met_equal_a_full_table_over_steps_and_finished_episodes():
+    data, _ = small_batch(obs_dim=4)
+    agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=9, data_stride=1)
+    agent.set_subgoal_data(data)
+    bank, rng = agent.subgoal_data, np.random.default_rng(2)
+    goals = torch.as_tensor(data.observations[[20, 0, 119, 77]])
+    with torch.no_grad():
+        z_goal = agent.encoder.encode_goals(goals)
+        table = SubgoalTable(agent, bank, z_goal, chunk=7)
+        latents = agent.encoder.encode_goals(bank.successors)
+        values = torch.stack([agent.heads.value(latents, z.expand_as(latents)) for z in z_goal])
+        positions = agent.encoder.normalize(bank.states)[:, :2]
+        rows = torch.arange(4)
+        for step in range(6):
+            if step == 3:
+                rows = rows[[0, 2, 3]]
+                table.keep(torch.tensor([0, 2, 3]))
+            observations = torch.as_tensor(data.observations[rng.choice(len(data), len(rows))]) + 0.2
+            nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2], positions).topk(9, largest=False).indices
+            best = nearest.gather(1, values[rows].gather(1, nearest).argmax(1, keepdim=True)).squeeze(1)
+            torch.testing.assert_close(table.subgoals(observations), latents[best])
+        assert table.valued.any() and not table.valued.all()    # the pairs met, not every pair
+        torch.testing.assert_close(table.values[table.valued], values[rows][table.valued])
 
 
 @pytest.mark.parametrize("context", ["recurrent", "window"])
