@@ -1,11 +1,13 @@
 """Acting cost per step against the context length: recomputing the encoder over the last L observations
 (window) vs the recurrent step mode with restarted streams (recurrent), for a batch of environments (the
-policy search's acting); then, with --bank_sizes, the data's subgoals (subgoal_source='data') over banks
-of M kept states: the table built when the episodes start (V for every state and goal) and the cost of a
-recurrent step (nearest-neighbour search included) with `--neighbors` candidates.
+policy search's acting); then, with --checkpoint, the data's subgoals (subgoal_source='data') of a trained agent
+over its dataset's kept states, with 100 of the dataset's own trajectories as the agents' paths: ms per step of
+the subgoal choice (nearest-neighbour search, E([o_j]) and V for the states first met) for each cell side of the
+search (`NearestByPosition.CELL_OF_RADIUS`).
 
     python benchmarks/bench_acting.py [--envs 100 --lengths 25 50 100 200 --steps 30]
-    python benchmarks/bench_acting.py --lengths --bank_sizes 50000 200000 --neighbors 4096
+    python benchmarks/bench_acting.py --lengths \
+        --checkpoint runs/bench/pointmaze-medium-navigate-v0-seed12/last_model.pth --dataset pointmaze-medium-navigate-v0 --dataset_dir datasets/generated --cell_fractions 0.25 0.5 1.0
 """
 import argparse
 import time
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 
 from common import machine_line, median_seconds
-from offline_agent import AgentConfig, DataSubgoals, OfflineAgent
+from offline_agent import CHECKPOINT_KEYS, AgentConfig, NearestByPosition, OfflineAgent, SubgoalTable
+from ogbench_utils import load_datasets
+from utils import load_checkpoint
 
 
 def per_step_ms(agent, mode, envs, steps, rng):
@@ -32,8 +36,12 @@ def main():
     parser.add_argument("--envs", type=int, default=100, help="environments acting side by side")
     parser.add_argument("--lengths", type=int, nargs="*", default=[25, 50, 100, 200], help="context lengths")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting (median reported)")
-    parser.add_argument("--bank_sizes", type=int, nargs="*", default=[], help="data subgoals: kept states M")
-    parser.add_argument("--neighbors", type=int, default=AgentConfig.data_neighbors, help="data subgoals: candidates")
+    parser.add_argument("--checkpoint", help="data subgoals: a trained agent's checkpoint")
+    parser.add_argument("--dataset", default="pointmaze-medium-navigate-v0", help="data subgoals: its dataset")
+    parser.add_argument("--dataset_dir", default="datasets/generated", help="data subgoals: where the dataset is")
+    parser.add_argument("--path_steps", type=int, default=1000, help="data subgoals: steps of each path")
+    parser.add_argument("--cell_fractions", type=float, nargs="+", default=[NearestByPosition.CELL_OF_RADIUS],
+                        help="data subgoals: cell sides to time, over the median r_k")
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -47,17 +55,31 @@ def main():
         window = per_step_ms(agent, "window", args.envs, args.steps, rng)
         recurrent = per_step_ms(agent, "recurrent", args.envs, args.steps, rng)
         print(f"{'':>15}{length:>8}{window:>12.1f}{recurrent:>14.1f}{window / recurrent:>8.1f}")
-    if args.bank_sizes:
-        print(f"data subgoals, {args.neighbors} neighbours, context 100: table (s) when the episodes start, ms per step")
-    for size in args.bank_sizes:
-        agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, subgoal_source="data", data_neighbors=args.neighbors,
-                                         mamba_backend="torch"))
-        agent.subgoal_data = DataSubgoals(*rng.normal(size=(2, size, 2)))
-        start = time.perf_counter()
-        agent.make_actor(rng.normal(size=(args.envs, 2)).astype(np.float32))
-        table = time.perf_counter() - start
-        print(f"{size:>8} states: table {table:.1f} s, step {per_step_ms(agent, 'recurrent', args.envs, args.steps, rng):.1f} ms")
+    if args.checkpoint:
+        data_subgoal_costs(args)
 
+
+def data_subgoal_costs(args):
+    agent = OfflineAgent.from_checkpoint(load_checkpoint(args.checkpoint, required=CHECKPOINT_KEYS))
+    data, _ = load_datasets(args.dataset, args.dataset_dir, None)
+    agent.set_subgoal_data(data)
+    rng = np.random.default_rng(0)
+    starts = rng.choice(np.concatenate([[0], np.unique(data.traj_ends)[:-1] + 1]), args.envs, replace=False)
+    steps = np.arange(args.path_steps)
+    paths = np.stack([data.observations[np.minimum(s + steps, data.traj_ends[s])] for s in starts], 1)
+    goals = torch.as_tensor(data.observations[rng.choice(len(data), args.envs)])
+    print(f"data subgoals of {args.checkpoint}: {len(agent.subgoal_data)} kept states, "
+          f"{agent.config.data_neighbors} neighbours, {args.envs} dataset trajectories x {args.path_steps} steps")
+    for fraction in args.cell_fractions:
+        NearestByPosition.CELL_OF_RADIUS = fraction
+        with torch.no_grad():
+            table = SubgoalTable(agent, agent.subgoal_data, agent.encoder.encode_goals(goals))
+            start = time.perf_counter()
+            for observations in torch.as_tensor(paths):
+                table.subgoals(observations)
+        step_ms = 1000 * (time.perf_counter() - start) / args.path_steps
+        print(f"cell side {fraction} x median r_k: {step_ms:.1f} ms per step, {len(table.nearest.discs)} cells, "
+              f"(state, goal) pairs valued {table.valued.float().mean():.2f}")
 
 if __name__ == "__main__":
     main()

@@ -363,7 +363,7 @@ def test_data_subgoals_computed_when_first_met_equal_a_full_table_over_steps_and
                 rows = rows[[0, 2, 3]]
                 table.keep(torch.tensor([0, 2, 3]))
             observations = torch.as_tensor(data.observations[rng.choice(len(data), len(rows))]) + 0.2
-            nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2], positions).topk(9, largest=False).indices
+            nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2], positions).topk(9, largest=False)[1]
             best = nearest.gather(1, values[rows].gather(1, nearest).argmax(1, keepdim=True)).squeeze(1)
             torch.testing.assert_close(table.subgoals(observations), latents[best])
         assert table.valued.any() and not table.valued.all()    # the pairs met, not every pair
