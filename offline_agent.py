@@ -17,6 +17,8 @@ z' by the config's rule, then the action I(z, z', .):
   data      a real dataset state k steps on from one of the dataset states nearest to o_t's x-y, the one
             with the largest V(z', z_g) (`SubgoalTable`)
   switch    (default) `data` until the agent stalls, then `proposer` until it stalls again (`StallSwitch`)
+and under every rule the goal itself once V says it is within `goal_reach_steps` (HIQL's subgoal target is the
+state k ahead, never past the goal).
 The measurements behind each default are in BENCHMARKS.md.
 """
 import copy
@@ -99,6 +101,9 @@ class AgentConfig:
                                 "many steps", positive_int, group="acting")
     stall_radius: float = flag(1.0, "switch: the stall distance, in x-y units of the maze", positive_float,
                                group="acting")
+    goal_reach_steps: int = flag(25, "every rule: the subgoal is the goal itself once V(E([o_t]), z_g) says it is "
+                                     "at most this many steps away (0: never; 25: the default k)", non_negative_int,
+                                 group="acting")
 
     def __post_init__(self):
         """The constraints between fields (each field's own range is its flag's type)."""
@@ -507,6 +512,8 @@ class Actor:
                 self.table = SubgoalTable(agent, agent.subgoal_data, self.z_goal)
         if c.subgoal_source == "switch":
             self.switch = StallSwitch(len(goals), c.stall_steps, c.stall_radius, agent.device)
+        # V of a state the goal is n steps from: the return of n rewards of -1
+        self.reach_value = -(1.0 - c.discount ** c.goal_reach_steps) / (1.0 - c.discount) if c.goal_reach_steps else None
 
     @torch.no_grad()
     def act(self, observations):
@@ -516,7 +523,19 @@ class Actor:
         return self.perturb(action).clamp(-1, 1).cpu().numpy()
 
     def subgoal(self, z, observations):
-        """The greedy subgoal by the config's rule."""
+        """The greedy subgoal by the config's rule, or the goal itself where it is within `goal_reach_steps` (the
+        subgoal HIQL's high level is trained toward then: the state k ahead, but never past the goal)."""
+        subgoal = self.rule_subgoal(z, observations)
+        if self.reach_value is None:
+            return subgoal
+        near = self.value_here(observations) >= self.reach_value
+        return torch.where(near.unsqueeze(-1), self.z_goal, subgoal)
+
+    def value_here(self, observations):
+        """V(E([o_t]), z_g) of each episode: minus its discounted steps to go."""
+        return self.agent.heads.value(self.agent.encoder.encode_goals(observations), self.z_goal)
+
+    def rule_subgoal(self, z, observations):
         if self.table is None:
             return self.search(z, observations)
         if self.switch is None:

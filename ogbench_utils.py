@@ -463,6 +463,9 @@ class OracleSubgoals:
             self.cache[key] = np.asarray(self.env.get_oracle_subgoal(xy, goal_xy)[0])
         return self.cache[key]
 
+    def in_goal_cell(self, xy, goal_xy):
+        return self.env.xy_to_ij(xy) == self.env.xy_to_ij(goal_xy)
+
     def direction(self, xy, goal_xy):
         offset = self.subgoal_xy(xy, goal_xy) - xy
         return offset / (np.linalg.norm(offset) + 1e-6)

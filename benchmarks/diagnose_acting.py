@@ -5,7 +5,8 @@ Evaluates one checkpoint (OGBench protocol, all episodes side by side) with the 
   proposer       the proposer alone, z' = P(z, z_g)
   goal           the goal itself, z' = z_g
   oracle         the maze's oracle subgoal: the observation with its x-y moved to the centre of the next cell on the
-                 shortest path, encoded as z' = E([s']); the inverse dynamics' success under a perfect high level
+                 shortest path, encoded as z' = E([s']), and in the goal's cell the goal itself; the inverse
+                 dynamics' success under a perfect high level
   oracle_policy  no learning: the dataset recipe's own policy (pointmaze: the unit step to the oracle's subgoal;
                  antmaze: the directional expert steered by it), the ceiling the data sets
 Works on every OGBench maze (x-y are the first two observation numbers in each). With --plot_dir, each mode's
@@ -44,7 +45,12 @@ class SubgoalOverride(Actor):
             return self.z_goal
         moved = observations.cpu().numpy().copy()
         moved[:, :2] = [self.oracle.subgoal_xy(o[:2], g) for o, g in zip(moved, self.goal_xys)]
-        return self.agent.encoder.encode_goals(torch.as_tensor(moved, device=self.agent.device))
+        # in the goal's cell the oracle names the cell's centre, up to 1.4 units from the (noisy) goal and so
+        # outside pointmaze's 1.0 success radius: there the subgoal is the goal itself
+        in_goal_cell = torch.as_tensor([self.oracle.in_goal_cell(o[:2], g) for o, g in zip(moved, self.goal_xys)],
+                                       device=self.agent.device)
+        z_oracle = self.agent.encoder.encode_goals(torch.as_tensor(moved, device=self.agent.device))
+        return torch.where(in_goal_cell.unsqueeze(-1), self.z_goal, z_oracle)
 
     def keep(self, rows):
         super().keep(rows)

@@ -12,7 +12,7 @@ from ogbench_utils import Trajectories, WindowSampler
 from utils import UserError, load_checkpoint, save_checkpoint
 
 SMALL = dict(obs_dim=2, action_dim=2, latent_dim=8, d_model=16, n_layers=1, hidden_dim=32,
-             context_length=12, subgoal_steps=3, subgoal_source="proposer", mamba_backend="torch")
+             context_length=12, subgoal_steps=3, subgoal_source="proposer", goal_reach_steps=0, mamba_backend="torch")
 
 
 def small_agent(seed=0, **overrides):
@@ -429,6 +429,37 @@ def test_switch_acting_gives_the_data_subgoal_until_a_stall_then_the_policy_sear
             torch.testing.assert_close(chosen[0], data_subgoals[0] if t < 2 else searched[0])
             torch.testing.assert_close(chosen[1], actor.table.subgoals(moved)[1])
     assert not torch.equal(data_subgoals[0], searched[0])
+
+
+@pytest.mark.parametrize("source", ["proposer", "switch"])
+def test_the_subgoal_is_the_goal_itself_where_v_puts_it_within_goal_reach_steps(source, monkeypatch):
+    data, _ = small_batch()
+    agent = normalized_agent(data, subgoal_source=source, data_neighbors=5, num_noisy_candidates=0,
+                             goal_reach_steps=3)
+    agent.set_subgoal_data(data)
+    observations = torch.as_tensor(data.observations[[3, 50, 90]])
+    actor = agent.make_actor(data.observations[[20, 60, 100]])
+    three_steps = -(1 - 0.99 ** 3) / (1 - 0.99)              # V of a state 3 rewards of -1 from its goal
+    values = torch.tensor([-1.0, three_steps, three_steps - 0.01])
+    with torch.no_grad():
+        z = agent.encoder.encode_goals(observations)
+        torch.testing.assert_close(actor.value_here(observations), agent.heads.value(z, actor.z_goal))
+        monkeypatch.setattr(actor, "value_here", lambda _: values)
+        chosen = actor.subgoal(z, observations)
+        by_rule = agent.make_actor(data.observations[[20, 60, 100]]).rule_subgoal(z, observations)
+    torch.testing.assert_close(chosen[:2], actor.z_goal[:2])
+    torch.testing.assert_close(chosen[2], by_rule[2])
+    assert not torch.equal(by_rule[0], actor.z_goal[0])
+
+
+def test_goal_reach_steps_zero_never_replaces_the_rules_subgoal():
+    data, _ = small_batch()
+    agent = normalized_agent(data, num_noisy_candidates=0)
+    observations = torch.as_tensor(data.observations[[3, 50]])
+    actor = agent.make_actor(data.observations[[3, 50]])    # each goal is the agent's own state: V cannot be nearer
+    with torch.no_grad():
+        z = agent.encoder.encode_goals(observations)
+        torch.testing.assert_close(actor.subgoal(z, observations), actor.rule_subgoal(z, observations))
 
 
 def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
