@@ -221,3 +221,14 @@ def test_generator_command_rejects_bad_flags(capsys):
     assert exit_info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
 
+
+
+def test_the_oracle_knows_when_the_agent_is_in_its_goals_cell():
+    env = ogbench_utils.make_env("pointmaze-medium-navigate-v0")
+    maze = env.unwrapped
+    oracle = ogbench_utils.OracleSubgoals(maze)
+    goal = np.asarray(maze.ij_to_xy((1, 1)))
+    unit = maze._maze_unit
+    assert oracle.in_goal_cell(goal + 0.4 * unit, goal)          # OGBench's goal noise stays in the cell
+    assert not oracle.in_goal_cell(goal + np.array([unit, 0.0]), goal)
+    env.close()
