@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from model import MAMBA_BACKENDS, EncoderConfig, HeadsConfig, MambaEncoder, OPSOHeads
+from ogbench_utils import return_of_reaching
 from utils import (CHECKPOINT_FORMAT, UserError, context_int, discount_float, flag, non_negative_float,
                    non_negative_int, positive_float, positive_int, unit_float)
 
@@ -512,8 +513,8 @@ class Actor:
                 self.table = SubgoalTable(agent, agent.subgoal_data, self.z_goal)
         if c.subgoal_source == "switch":
             self.switch = StallSwitch(len(goals), c.stall_steps, c.stall_radius, agent.device)
-        # V of a state the goal is n steps from: the return of n rewards of -1
-        self.reach_value = -(1.0 - c.discount ** c.goal_reach_steps) / (1.0 - c.discount) if c.goal_reach_steps else None
+        # V of a state the goal is goal_reach_steps from
+        self.reach_value = return_of_reaching(c.goal_reach_steps, c.discount) if c.goal_reach_steps else None
 
     @torch.no_grad()
     def act(self, observations):
