@@ -520,32 +520,31 @@ class Actor:
     def act(self, observations):
         observations = self.observation_tensor(observations)
         z = self.history.latent(observations)
-        action = self.agent.action(z, self.subgoal(z, observations), self.z_goal)
+        here = self.agent.encoder.encode_goals(observations)
+        action = self.agent.action(z, self.subgoal(z, here, observations), self.z_goal)
         return self.perturb(action).clamp(-1, 1).cpu().numpy()
 
-    def subgoal(self, z, observations):
+    def subgoal(self, z, here, observations):
         """The greedy subgoal by the config's rule, or the goal itself where it is within `goal_reach_steps` (the
-        subgoal HIQL's high level is trained toward then: the state k ahead, but never past the goal)."""
-        subgoal = self.rule_subgoal(z, observations)
+        subgoal HIQL's high level is trained toward then: the state k ahead, but never past the goal).
+        `here` is E([o_t]), the agent's point in the subgoals' space, encoded once per step."""
+        subgoal = self.rule_subgoal(z, here, observations)
         if self.reach_value is None:
             return subgoal
-        near = self.value_here(observations) >= self.reach_value
+        near = self.value_here(here) >= self.reach_value
         return torch.where(near.unsqueeze(-1), self.z_goal, subgoal)
 
-    def value_here(self, observations):
+    def value_here(self, here):
         """V(E([o_t]), z_g) of each episode: minus its discounted steps to go."""
-        return self.agent.heads.value(self.agent.encoder.encode_goals(observations), self.z_goal)
+        return self.agent.heads.value(here, self.z_goal)
 
-    def rule_subgoal(self, z, observations):
+    def rule_subgoal(self, z, here, observations):
         if self.table is None:
-            return self.search(z, observations)
+            return self.agent.search_subgoal(z, self.z_goal, here)
         if self.switch is None:
             return self.table.subgoals(observations)
         on_data = self.switch.on_data(observations).unsqueeze(1)
-        return torch.where(on_data, self.table.subgoals(observations), self.search(z, observations))
-
-    def search(self, z, observations):
-        return self.agent.search_subgoal(z, self.z_goal, self.agent.encoder.encode_goals(observations))
+        return torch.where(on_data, self.table.subgoals(observations), self.agent.search_subgoal(z, self.z_goal, here))
 
     def perturb(self, action):
         """Greedy: the action as it is (the online explorer adds noise here)."""

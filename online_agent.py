@@ -54,9 +54,8 @@ class ExploringActor(Actor):
         self.epsilon, self.action_noise = epsilon, action_noise
         self.explored_steps = 0
 
-    def subgoal(self, z, observations):
-        origin = self.agent.encoder.encode_goals(observations)
-        subgoals, explored = goal_biased_subgoals(origin, self.z_goal, self.epsilon, super().subgoal(z, observations))
+    def subgoal(self, z, here, observations):
+        subgoals, explored = goal_biased_subgoals(here, self.z_goal, self.epsilon, super().subgoal(z, here, observations))
         self.explored_steps += int(explored.sum())
         return subgoals
 

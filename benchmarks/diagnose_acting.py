@@ -38,7 +38,7 @@ class SubgoalOverride(Actor):
         super().__init__(agent, goals)
         self.mode, self.oracle, self.goal_xys = mode, OracleSubgoals(maze), np.asarray(goals)[:, :2]
 
-    def subgoal(self, z, observations):
+    def subgoal(self, z, here, observations):
         if self.mode == "proposer":
             return self.agent.heads.proposer(z, self.z_goal)
         if self.mode == "goal":

@@ -422,10 +422,10 @@ def test_switch_acting_gives_the_data_subgoal_until_a_stall_then_the_policy_sear
     with torch.no_grad():
         z = agent.encoder.encode_goals(observations)            # any latent: only the subgoal rule is tested
         data_subgoals = actor.table.subgoals(observations)
-        searched = actor.search(z, observations)
+        searched = agent.search_subgoal(z, actor.z_goal, z)
         for t in range(4):                                       # episode 0 rests, episode 1 moves 1 unit per step
             moved[1] = observations[1] + t
-            chosen = actor.subgoal(z, moved)
+            chosen = actor.subgoal(z, agent.encoder.encode_goals(moved), moved)
             torch.testing.assert_close(chosen[0], data_subgoals[0] if t < 2 else searched[0])
             torch.testing.assert_close(chosen[1], actor.table.subgoals(moved)[1])
     assert not torch.equal(data_subgoals[0], searched[0])
@@ -443,13 +443,31 @@ def test_the_subgoal_is_the_goal_itself_where_v_puts_it_within_goal_reach_steps(
     values = torch.tensor([-1.0, three_steps, three_steps - 0.01])
     with torch.no_grad():
         z = agent.encoder.encode_goals(observations)
-        torch.testing.assert_close(actor.value_here(observations), agent.heads.value(z, actor.z_goal))
         monkeypatch.setattr(actor, "value_here", lambda _: values)
-        chosen = actor.subgoal(z, observations)
-        by_rule = agent.make_actor(data.observations[[20, 60, 100]]).rule_subgoal(z, observations)
+        chosen = actor.subgoal(z, z, observations)
+        by_rule = agent.make_actor(data.observations[[20, 60, 100]]).rule_subgoal(z, z, observations)
     torch.testing.assert_close(chosen[:2], actor.z_goal[:2])
     torch.testing.assert_close(chosen[2], by_rule[2])
     assert not torch.equal(by_rule[0], actor.z_goal[0])
+
+
+def test_act_places_the_agent_at_its_single_observation_encoding(monkeypatch):
+    data, _ = small_batch()
+    agent = normalized_agent(data, num_noisy_candidates=0, goal_reach_steps=3)
+    observations = torch.as_tensor(data.observations[[3, 50]])
+    actor = agent.make_actor(data.observations[[20, 60]])
+    seen, rule = [], actor.rule_subgoal
+
+    def recording_rule(z, here, obs):
+        seen.append(here)
+        return rule(z, here, obs)
+
+    monkeypatch.setattr(actor, "rule_subgoal", recording_rule)
+    actor.act(observations)
+    with torch.no_grad():
+        here = agent.encoder.encode_goals(observations)
+        torch.testing.assert_close(seen[0], here)
+        torch.testing.assert_close(actor.value_here(here), agent.heads.value(here, actor.z_goal))
 
 
 def test_goal_reach_steps_zero_never_replaces_the_rules_subgoal():
@@ -459,7 +477,7 @@ def test_goal_reach_steps_zero_never_replaces_the_rules_subgoal():
     actor = agent.make_actor(data.observations[[3, 50]])    # each goal is the agent's own state: V cannot be nearer
     with torch.no_grad():
         z = agent.encoder.encode_goals(observations)
-        torch.testing.assert_close(actor.subgoal(z, observations), actor.rule_subgoal(z, observations))
+        torch.testing.assert_close(actor.subgoal(z, z, observations), actor.rule_subgoal(z, z, observations))
 
 
 def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):

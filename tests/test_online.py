@@ -49,8 +49,8 @@ def test_exploration_interpolates_from_the_agents_point_in_the_subgoals_space():
     explorer = agent.make_explorer(observations + 1, epsilon=1.0, action_noise=0.0)
     with torch.no_grad():
         obs = torch.as_tensor(observations)
-        subgoal = explorer.subgoal(torch.randn(300, 8), obs)
         origin = agent.encoder.encode_goals(obs)
+        subgoal = explorer.subgoal(torch.randn(300, 8), origin, obs)
         alpha = ((subgoal - origin) / (explorer.z_goal - origin))
     torch.testing.assert_close(alpha, alpha[:, :1].expand(-1, 8), rtol=1e-3, atol=1e-3)
     assert explorer.explored_steps == 300
