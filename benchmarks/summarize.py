@@ -2,10 +2,14 @@
 
     python benchmarks/summarize.py runs/bench/pointmaze-medium-navigate-v0-seed*
     python benchmarks/summarize.py runs/bench/online-pointmaze-medium-navigate-v0-seed* --last 3
+    python benchmarks/summarize.py runs/bench/online-DATASET-default-seed{18,19,20} \
+        --control runs/bench/online-DATASET-control-seed{18,19,20}
 
 For online runs (more than two evaluations) it also prints, per seed and over seeds, the mean of the last --last
 evaluations (OGBench reports the mean of its last three) and the dip: the lowest evaluation after the first,
-minus the first (the checkpoint's own success before any online step).
+minus the first (the checkpoint's own success before any online step). With --control (the same seeds' runs
+without online data, in the same order) it prints the gain from online data: treatment minus control on the mean
+of the last evaluations, per seed and as mean +/- std.
 """
 import argparse
 import os
@@ -43,7 +47,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (one per seed)")
     parser.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of an online run")
+    parser.add_argument("--control", nargs="+", default=[], metavar="RUN",
+                        help="the control's online run folders, one per run above, in the same order")
     args = parser.parse_args()
+    if args.control and len(args.control) != len(args.runs):
+        parser.error(f"--control takes one run per run above: {len(args.runs)} runs, {len(args.control)} controls")
     rows = [run_summary(r, args.last) for r in args.runs]
     online = all(len(r["evaluations"]) > 2 for r in rows)
     for r in rows:
@@ -63,6 +71,10 @@ def main():
         last_mean = np.array([r["last_mean"] for r in rows])
         print(f"mean of the last {args.last} evaluations over {len(rows)} seeds: {spread(last_mean)}; change from "
               f"the first: {spread(last_mean - first)}; worst dip {min(r['dip'] for r in rows):+.3f}")
+    if args.control:
+        gain = [r["last_mean"] - run_summary(c, args.last)["last_mean"] for r, c in zip(rows, args.control)]
+        print(f"gain from online data (treatment minus control, mean of the last {args.last}): "
+              f"{' '.join(f'{g:+.3f}' for g in gain)}; {spread(gain)}")
 
 
 if __name__ == "__main__":

@@ -201,19 +201,31 @@ def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, 
             np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
 
 
-def test_summary_reports_the_mean_of_the_last_evaluations_and_the_dip(tmp_path):
-    """Two hand-made online runs: evaluations 0.50 -> 0.30 0.60 0.70 0.80 and 0.20 -> 0.25 0.10 0.40 0.40."""
+def test_summary_reports_the_mean_of_the_last_evaluations_the_dip_and_the_gain_over_a_control(tmp_path):
+    """Two hand-made online runs: evaluations 0.50 -> 0.30 0.60 0.70 0.80 and 0.20 -> 0.25 0.10 0.40 0.40; their
+    controls end on 0.60 0.60 0.60 and 0.40 0.50 0.60."""
+    runs = write_online_runs(tmp_path, "online", [(0.5, 0.3, 0.6, 0.7, 0.8), (0.2, 0.25, 0.1, 0.4, 0.4)])
+    controls = write_online_runs(tmp_path, "control", [(0.5, 0.6, 0.6, 0.6, 0.6), (0.2, 0.3, 0.4, 0.5, 0.6)])
+    out = subprocess.run([sys.executable, "benchmarks/summarize.py", *runs, "--last", "3", "--control", *controls],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "mean of the last 3 0.700; dip -0.200" in out            # (0.6 + 0.7 + 0.8) / 3; 0.3 - 0.5
+    assert "mean of the last 3 0.300; dip -0.100" in out            # (0.1 + 0.4 + 0.4) / 3; 0.1 - 0.2
+    assert "change from the first: 0.150 +/- 0.071; worst dip -0.200" in out   # 0.2 and 0.1
+    assert "mean of the last 3): +0.100 -0.200; -0.050 +/- 0.212" in out       # 0.7 - 0.6; 0.3 - 0.5
+    mismatched = subprocess.run([sys.executable, "benchmarks/summarize.py", *runs, "--control", controls[0]],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert mismatched.returncode == 2 and "--control takes one run per run above" in mismatched.stderr
+
+
+def write_online_runs(tmp_path, name, evaluations_per_seed):
+    """online_metrics.csv folders with these greedy evaluations, an episode without one between each two."""
     runs = []
-    for seed, evaluations in enumerate([(0.5, 0.3, 0.6, 0.7, 0.8), (0.2, 0.25, 0.1, 0.4, 0.4)]):
-        run = tmp_path / f"online-seed{seed}"
+    for seed, evaluations in enumerate(evaluations_per_seed):
+        run = tmp_path / f"{name}-seed{seed}"
         run.mkdir()
         rows = ["episode,step,eval/success,time/elapsed_s"]
         for i, success in enumerate(evaluations):
             rows += [f"{2 * i - 1},{20 * i - 10},,{i}"] * (i > 0) + [f"{2 * i},{20 * i},{success},{i}"]
         (run / "online_metrics.csv").write_text("\n".join(rows) + "\n")
         runs.append(str(run))
-    out = subprocess.run([sys.executable, "benchmarks/summarize.py", *runs, "--last", "3"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "mean of the last 3 0.700; dip -0.200" in out            # (0.6 + 0.7 + 0.8) / 3; 0.3 - 0.5
-    assert "mean of the last 3 0.300; dip -0.100" in out            # (0.1 + 0.4 + 0.4) / 3; 0.1 - 0.2
-    assert "change from the first: 0.150 +/- 0.071; worst dip -0.200" in out   # 0.2 and 0.1
+    return runs
