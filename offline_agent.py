@@ -235,8 +235,9 @@ class OfflineAgent:
         """Every tensor a checkpoint holds for the networks (encoder, heads, targets, acting copy), by name."""
         modules = dict(encoder=self.encoder, heads=self.heads, targets=self.targets, acting=self.acting)
         for prefix, module in modules.items():
-            for name, tensor in (module.state_dict().items() if module is not None else ()):
-                yield f"{prefix}.{name}", tensor
+            if module is not None:
+                for name, tensor in module.state_dict().items():
+                    yield f"{prefix}.{name}", tensor
 
     def copy_of_networks(self):
         return torch.nn.ModuleDict(dict(encoder=copy.deepcopy(self.encoder),
@@ -245,9 +246,10 @@ class OfflineAgent:
     def set_normalization(self, observations):
         """Observation mean/std of the dataset, kept in the encoder's buffers (and so in checkpoints)."""
         observations = np.asarray(observations)
-        for encoder in (self.encoder, self.acting["encoder"] if self.acting is not None else None):
-            if encoder is not None:
-                encoder.set_normalization(observations.mean(0), observations.std(0))
+        mean, std = observations.mean(0), observations.std(0)
+        self.encoder.set_normalization(mean, std)
+        if self.acting is not None:
+            self.acting["encoder"].set_normalization(mean, std)
 
     def set_subgoal_data(self, dataset):
         """The dataset whose real states subgoal_source 'data' and 'switch' act with (not saved in checkpoints: the
@@ -428,14 +430,12 @@ class OfflineAgent:
 
     @torch.no_grad()
     def update_acting_copy(self):
-        """The acting copy moves acting_ema of the way to the trained weights (buffers, the observation
-        normalisation, are copied): a policy averaged over the last ~1 / acting_ema updates, against greedy success
-        swinging between evaluations as the trained weights move (BENCHMARKS.md, issue 25)."""
+        """The acting copy moves acting_ema of the way to the trained weights: a policy averaged over the last
+        ~1 / acting_ema updates, against greedy success swinging between evaluations as the trained weights move
+        (BENCHMARKS.md, issue 25). Its buffers, the observation normalisation, are set with the trained ones."""
         for name, live in (("encoder", self.encoder), ("heads", self.heads)):
             for p_acting, p in zip(self.acting[name].parameters(), live.parameters()):
                 p_acting.lerp_(p, self.config.acting_ema)
-            for b_acting, b in zip(self.acting[name].buffers(), live.buffers()):
-                b_acting.copy_(b)
 
     def for_acting(self, weights="acting"):
         """The agent whose networks act: with weights 'acting', the EMA copy where the run keeps one (else the
