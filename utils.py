@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,24 +22,41 @@ CHECKPOINT_FORMAT = "opso-checkpoint-v2"   # v2: the retired variants' fields ar
 CHECKPOINT_FORMAT_PREFIX = "opso-checkpoint-"
 DEFAULT_DATASET_DIR = "datasets"
 LAST_SAVED = {"path": None}   # the checkpoint this process wrote last, for the message on Ctrl-C
+CTRL_C = {"pressed": False}
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback, exit status 2."""
 
 
+def _on_ctrl_c(signum, frame):
+    CTRL_C["pressed"] = True
+    raise KeyboardInterrupt
+
+
 def exit_on_user_error(main):
-    """Run main(); a UserError becomes a one-line message on stderr and exit status 2."""
+    """Run main(); a UserError becomes a one-line message on stderr and exit status 2, Ctrl-C one naming the last
+    checkpoint and exit status 130."""
+    CTRL_C["pressed"] = False
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if not CTRL_C["pressed"]:
+            raise
+        exit_interrupted()   # a library turned the KeyboardInterrupt into its own error (an interrupted import)
     except KeyboardInterrupt:
-        last = LAST_SAVED["path"]
-        print("interrupted; " + (f"the last checkpoint is {last}" if last else "no checkpoint was written"),
-              file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
+
+
+def exit_interrupted():
+    last = LAST_SAVED["path"]
+    print("interrupted; " + (f"the last checkpoint is {last}" if last else "no checkpoint was written"),
+          file=sys.stderr)
+    sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- argparse types

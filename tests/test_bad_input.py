@@ -18,7 +18,7 @@ from conftest import TINY_DATASET
 from offline_agent import AgentConfig, OfflineAgent
 from test_reliability import copy_dataset, tiny
 from test_trainer import ROOT, run_cli
-from utils import UserError, load_checkpoint, read_csv, save_checkpoint
+from utils import UserError, exit_on_user_error, load_checkpoint, read_csv, save_checkpoint
 
 OFFLINE_FILES = ("metrics.csv", "last_model.pth", "best_model.pth", "config.json", "training_curves.png")
 
@@ -328,6 +328,37 @@ def test_plot_command_bad_input_is_one_line(finished_run, tmp_path, case):
     assert (csv_path.read_bytes() if csv_path.exists() else None) == before
 
 
+@pytest.mark.parametrize("turned_into", [None, ImportError])
+def test_ctrl_c_is_one_line_even_when_a_library_turns_it_into_another_error(turned_into, capsys):
+    """numpy's C import hook replaces a KeyboardInterrupt met inside an extension's import by an ImportError."""
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if turned_into is not None:
+                raise turned_into("numpy.core.multiarray failed to import") from None
+            raise
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            exit_on_user_error(main)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exit_info.value.code == 130 and capsys.readouterr().err.startswith("interrupted; ")
+
+
+def test_an_error_without_ctrl_c_keeps_its_traceback():
+    def main():
+        raise ImportError("a real one")
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(ImportError):
+            exit_on_user_error(main)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_names_the_last_checkpoint_and_exits_130(tiny_dataset_dir, tmp_path):
     save_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "offline_trainer.py", *tiny(tiny_dataset_dir, save_dir,
@@ -338,6 +369,6 @@ def test_ctrl_c_names_the_last_checkpoint_and_exits_130(tiny_dataset_dir, tmp_pa
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in stderr
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert f"interrupted; the last checkpoint is {save_dir / 'last_model.pth'}" in stderr or \
         f"interrupted; the last checkpoint is {save_dir / 'best_model.pth'}" in stderr
