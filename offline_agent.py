@@ -19,8 +19,6 @@ z' by the config's rule, then the action I(z, z', .):
   switch    (default) `data` until the agent stalls, then `proposer` until it stalls again (`StallSwitch`)
 and under every rule the goal itself once V says it is within `goal_reach_steps` (HIQL's subgoal target is the
 state k ahead, never past the goal).
-With `acting_ema` > 0 an EMA copy of the encoder and heads, updated once per update, does all the acting
-(evaluation and exploration; `make_actor(..., weights='trained')` acts with the trained ones).
 The measurements behind each default are in BENCHMARKS.md.
 """
 import copy
@@ -76,9 +74,6 @@ class AgentConfig:
     inverse_beta: float = flag(0.0, "inverse temperature of the inverse dynamics' weights (0: unweighted)",
                                non_negative_float, group="training")
     tau: float = flag(0.02, "EMA rate of the target critics", unit_float, group="training")
-    acting_ema: float = flag(0.0, "EMA rate of a copy of the encoder and heads kept for acting (evaluation, "
-                                  "exploration) once per update; 0: act with the trained weights", unit_float,
-                             group="training")
     infonce_coef: float = flag(0.1, "weight of the InfoNCE loss", non_negative_float, group="training")
     state_coef: float = flag(1.0, "weight of the state-prediction loss", non_negative_float, group="training")
     reward_coef: float = flag(1.0, "weight of the reward/done loss", non_negative_float, group="training")
@@ -219,8 +214,6 @@ class OfflineAgent:
         self.targets = torch.nn.ModuleDict(dict(q1=copy.deepcopy(self.heads.q1), q2=copy.deepcopy(self.heads.q2),
                                                 value=copy.deepcopy(self.heads.value))).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
-        # the networks that act, where the run keeps an EMA of the trained ones (acting_ema > 0)
-        self.acting = self.copy_of_networks() if config.acting_ema > 0 else None
         self.step = 0
         self.subgoal_data = None
 
@@ -232,24 +225,15 @@ class OfflineAgent:
         return list(self.encoder.parameters()) + list(self.heads.parameters())
 
     def named_weights(self):
-        """Every tensor a checkpoint holds for the networks (encoder, heads, targets, acting copy), by name."""
-        modules = dict(encoder=self.encoder, heads=self.heads, targets=self.targets, acting=self.acting)
-        for prefix, module in modules.items():
-            if module is not None:
-                for name, tensor in module.state_dict().items():
-                    yield f"{prefix}.{name}", tensor
-
-    def copy_of_networks(self):
-        return torch.nn.ModuleDict(dict(encoder=copy.deepcopy(self.encoder),
-                                        heads=copy.deepcopy(self.heads))).requires_grad_(False)
+        """Every tensor a checkpoint holds for the networks (encoder, heads, targets), by name."""
+        for prefix, module in (("encoder", self.encoder), ("heads", self.heads), ("targets", self.targets)):
+            for name, tensor in module.state_dict().items():
+                yield f"{prefix}.{name}", tensor
 
     def set_normalization(self, observations):
         """Observation mean/std of the dataset, kept in the encoder's buffers (and so in checkpoints)."""
         observations = np.asarray(observations)
-        mean, std = observations.mean(0), observations.std(0)
-        self.encoder.set_normalization(mean, std)
-        if self.acting is not None:
-            self.acting["encoder"].set_normalization(mean, std)
+        self.encoder.set_normalization(observations.mean(0), observations.std(0))
 
     def set_subgoal_data(self, dataset):
         """The dataset whose real states subgoal_source 'data' and 'switch' act with (not saved in checkpoints: the
@@ -409,8 +393,6 @@ class OfflineAgent:
             loss, value_info = self.value_step_loss(value_batch)
             self.gradient_step(loss)
             info.update(value_info)
-        if self.acting is not None:
-            self.update_acting_copy()
         return floats(info)
 
     def gradient_step(self, loss):
@@ -427,26 +409,6 @@ class OfflineAgent:
         for name, target in self.targets.items():
             for p_target, p in zip(target.parameters(), getattr(self.heads, name).parameters()):
                 p_target.lerp_(p, self.config.tau)
-
-    @torch.no_grad()
-    def update_acting_copy(self):
-        """The acting copy moves acting_ema of the way to the trained weights: a policy averaged over the last
-        ~1 / acting_ema updates, against greedy success swinging between evaluations as the trained weights move
-        (BENCHMARKS.md, issue 25). Its buffers, the observation normalisation, are set with the trained ones."""
-        for name, live in (("encoder", self.encoder), ("heads", self.heads)):
-            for p_acting, p in zip(self.acting[name].parameters(), live.parameters()):
-                p_acting.lerp_(p, self.config.acting_ema)
-
-    def for_acting(self, weights="acting"):
-        """The agent whose networks act: with weights 'acting', the EMA copy where the run keeps one (else the
-        trained networks); with 'trained', always the trained ones. A view: it shares everything else."""
-        if weights not in ("acting", "trained"):
-            raise ValueError(f"weights must be 'acting' or 'trained', got {weights!r}")
-        if self.acting is None or weights == "trained":
-            return self
-        view = copy.copy(self)
-        view.encoder, view.heads = self.acting["encoder"], self.acting["heads"]
-        return view
 
     # ------------------------------------------------------------------ acting
 
@@ -482,19 +444,16 @@ class OfflineAgent:
         q = torch.minimum(*self.heads.q_values(z_rep, candidates, g_rep))
         return candidates[torch.arange(n), q.argmax(dim=1)]
 
-    def make_actor(self, goals, context="recurrent", streams=2, weights="acting"):
-        """The greedy policy for a batch of episodes that all start now (`Actor`), acting with `for_acting(weights)`."""
-        return Actor(self.for_acting(weights), goals, context, streams)
+    def make_actor(self, goals, context="recurrent", streams=2):
+        """The greedy policy for a batch of episodes that all start now (`Actor`)."""
+        return Actor(self, goals, context, streams)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self):
-        state = {"format": CHECKPOINT_FORMAT, "agent_config": asdict(self.config), "step": self.step,
-                 "encoder": self.encoder.state_dict(), "heads": self.heads.state_dict(),
-                 "targets": self.targets.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.acting is not None:
-            state["acting"] = self.acting.state_dict()
-        return state
+        return {"format": CHECKPOINT_FORMAT, "agent_config": asdict(self.config), "step": self.step,
+                "encoder": self.encoder.state_dict(), "heads": self.heads.state_dict(),
+                "targets": self.targets.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state):
         self.encoder.load_state_dict(state["encoder"])
@@ -502,9 +461,6 @@ class OfflineAgent:
         self.targets.load_state_dict(state["targets"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        if self.acting is not None:
-            # a checkpoint trained without the copy (fine-tuned with one) starts it at its trained weights
-            self.acting.load_state_dict(state.get("acting") or self.copy_of_networks().state_dict())
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):

@@ -229,9 +229,6 @@ def build_evaluate_parser():
                         help="cut episodes at this many steps (default: the environment's, e.g. 1000 for navigate)")
     parser.add_argument("--acting", choices=["recurrent", "window"], default="recurrent",
                         help="encoder context while acting: recurrent streams (constant cost) or the last L steps")
-    parser.add_argument("--weights", choices=["acting", "trained"], default="acting",
-                        help="act with the run's EMA acting copy where it keeps one (--acting_ema), or with the "
-                             "trained weights")
     parser.add_argument("--dataset_dir", default=None,
                         help="dataset folder for subgoal_source 'data'/'switch' (default: the training run's)")
     parser.add_argument("--max_trajectories", type=positive_int, default=None,
@@ -254,11 +251,9 @@ def evaluate_command(argv):
               file=sys.stderr)
     set_run_subgoal_data(agent, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir, args.max_trajectories)
     set_seed(args.seed)
-    policy = types.SimpleNamespace(make_actor=lambda goals: agent.make_actor(goals, context=args.acting,
-                                                                             weights=args.weights))
+    policy = types.SimpleNamespace(make_actor=lambda goals: agent.make_actor(goals, context=args.acting))
     result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed, max_episode_steps=args.max_episode_steps)
-    result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes,
-                  weights=args.weights if agent.acting is not None else "trained", **overrides)
+    result.update(checkpoint=args.checkpoint, dataset=args.dataset, eval_episodes=args.eval_episodes, **overrides)
     print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()},
                      sort_keys=True, allow_nan=False))
     return result

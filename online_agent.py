@@ -33,7 +33,7 @@ class OnlineAgent(OfflineAgent):
             group["lr"] = lr
 
     def make_explorer(self, goals, epsilon, action_noise, streams=2):
-        return ExploringActor(self.for_acting(), goals, epsilon, action_noise, streams)
+        return ExploringActor(self, goals, epsilon, action_noise, streams)
 
 
 def goal_biased_subgoals(origin, z_goal, epsilon, greedy):

@@ -58,8 +58,6 @@ class OnlineRunConfig(RunConfig):
                                            "env's success", unit_float)
     online_lr: Optional[float] = flag(None, "learning rate from the offline-to-online switch (default: the "
                                             "checkpoint's)", positive_float)
-    acting_ema: Optional[float] = flag(None, "EMA rate of the networks' acting copy (default: the checkpoint's; "
-                                             "one trained without a copy starts it at its weights)", unit_float)
     epsilon_start: float = flag(0.30, "goal-biased exploration rate, start", unit_float)
     epsilon_end: float = flag(0.05, "goal-biased exploration rate, end", unit_float)
     action_noise_start: float = flag(0.20, "Gaussian action noise std, start", unit_float)
@@ -157,8 +155,7 @@ def main(argv=None):
     args, folder, checkpoint = parse_run(argv)
     device = setup_torch(args.threads, args.device)
     env = make_env(args.dataset, args.max_episode_steps)
-    overrides = {} if args.resume or args.acting_ema is None else dict(acting_ema=args.acting_ema)
-    agent = OnlineAgent.from_checkpoint(checkpoint, device=device, **overrides)
+    agent = OnlineAgent.from_checkpoint(checkpoint, device=device)
     agent.check_env_sizes(env.observation_space.shape[0], env.action_space.shape[0],
                           source=folder.path("last_online_model.pth") if args.resume else args.checkpoint)
     set_seed(args.seed)

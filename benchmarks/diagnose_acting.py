@@ -62,7 +62,7 @@ class OverridePolicy:
         self.agent, self.mode, self.maze = agent, mode, maze
 
     def make_actor(self, goals):
-        return SubgoalOverride(self.agent.for_acting(), goals, self.mode, self.maze)
+        return SubgoalOverride(self.agent, goals, self.mode, self.maze)
 
 
 class PathRecorder:

@@ -254,60 +254,6 @@ def test_checkpoint_round_trips_to_the_same_actions(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_acting_copy_moves_acting_ema_of_the_way_to_the_trained_weights_once_per_update():
-    data, batch = small_batch()
-    agent = normalized_agent(data, acting_ema=0.25, value_steps=2)
-    before = [p.clone() for p in agent.acting.parameters()]
-    agent.update(batch, value_batches=[WindowSampler(data, 12, 3, 0.99, seed=s).sample_transitions(16, 3)
-                                       for s in (1, 2)])
-    trained = list(agent.encoder.parameters()) + list(agent.heads.parameters())
-    for p_acting, p_before, p in zip(agent.acting.parameters(), before, trained):
-        torch.testing.assert_close(p_acting, 0.75 * p_before + 0.25 * p)
-    torch.testing.assert_close(agent.acting["encoder"].obs_mean, agent.encoder.obs_mean)
-
-
-def test_the_acting_copy_changes_how_the_agent_acts_but_never_how_it_trains():
-    data, batch = small_batch()
-    plain, with_copy = normalized_agent(data), normalized_agent(data, acting_ema=0.5)
-    for update in range(3):
-        for agent in (plain, with_copy):
-            torch.manual_seed(update)   # the updates draw random rows
-            agent.update(batch)
-    for a, b in zip(plain.parameters(), with_copy.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert plain.acting is None and plain.for_acting() is plain
-    observations, goals = data.observations[:6], data.observations[20:23]
-    torch.manual_seed(0)
-    trained = act_on(plain, observations, goals)
-    torch.manual_seed(0)
-    assert not np.allclose(act_on(with_copy, observations, goals), trained)
-    torch.manual_seed(0)
-    actor = with_copy.make_actor(goals, weights="trained")
-    for observation in observations:
-        actions = actor.act(np.repeat(observation[None], len(goals), 0))
-    np.testing.assert_array_equal(actions, trained)
-
-
-def test_the_acting_copy_round_trips_and_a_checkpoint_without_one_starts_it_at_its_weights(tmp_path):
-    data, batch = small_batch()
-    agent = normalized_agent(data, acting_ema=0.3)
-    for _ in range(2):
-        agent.update(batch)
-    save_checkpoint(agent.state_dict(), tmp_path / "copy.pth")
-    restored = OfflineAgent.from_checkpoint(load_checkpoint(tmp_path / "copy.pth"))
-    for a, b in zip(restored.acting.state_dict().values(), agent.acting.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    plain = normalized_agent(data)
-    plain.update(batch)
-    save_checkpoint(plain.state_dict(), tmp_path / "plain.pth")
-    fine_tuned = OfflineAgent.from_checkpoint(load_checkpoint(tmp_path / "plain.pth"), acting_ema=0.1)
-    live = {**{f"encoder.{k}": v for k, v in plain.encoder.state_dict().items()},
-            **{f"heads.{k}": v for k, v in plain.heads.state_dict().items()}}
-    assert fine_tuned.acting.state_dict().keys() == live.keys()
-    for key, value in fine_tuned.acting.state_dict().items():
-        torch.testing.assert_close(value, live[key], rtol=0, atol=0)
-
-
 def test_recurrent_history_latents_equal_the_encoder_over_its_context():
     """Stream restarts every L/2 steps: the latent used is E(last c observations), c in [L/2+1, L]."""
     agent = small_agent(context_length=6)

@@ -105,19 +105,6 @@ def test_a_run_acting_with_data_subgoals_evaluates_and_keeps_the_setting(tiny_da
     assert (with_switch["subgoal_source"], with_switch["stall_steps"]) == ("switch", 5)
 
 
-def test_a_run_with_an_acting_copy_saves_it_and_evaluate_acts_with_either_weights(tiny_dataset_dir, tmp_path):
-    save_dir = tmp_path / "run"
-    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(save_dir),
-                                     "--acting_ema", "0.5"])
-    checkpoint = load_checkpoint(save_dir / "last_model.pth")
-    assert checkpoint["agent_config"]["acting_ema"] == 0.5
-    assert not torch.equal(checkpoint["acting"]["heads.value.net.0.weight"], checkpoint["heads"]["value.net.0.weight"])
-    evaluate = ["evaluate", str(save_dir / "last_model.pth"), "--dataset", TINY_DATASET, "--eval_episodes", "1",
-                "--max_episode_steps", "60"]
-    assert offline_trainer.main(evaluate)["weights"] == "acting"
-    assert offline_trainer.main(evaluate + ["--weights", "trained"])["weights"] == "trained"
-
-
 def test_the_flags_are_the_config_fields_and_evaluate_takes_the_acting_ones():
     from offline_agent import AgentConfig
     from utils import config_from_args, field_names
