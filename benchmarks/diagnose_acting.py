@@ -11,6 +11,9 @@ Evaluates one checkpoint (OGBench protocol, all episodes side by side) with the 
                  antmaze: the directional expert steered by it), the ceiling the data sets
 Works on every OGBench maze (x-y are the first two observation numbers in each). With --plot_dir, each mode's
 x-y paths are drawn over the maze, one panel per task (DIR/paths_MODE.png): where the failing episodes end up.
+With --history none every mode acts on z_t = E([o_t]), the current observation alone, instead of the recent
+history: on the mazes, whose observations are Markov, a low level that stalls only with its history copies its
+past actions (the copycat problem) rather than failing to read the subgoal.
 
     python benchmarks/diagnose_acting.py runs/offline/last_model.pth --dataset pointmaze-medium-navigate-v0
     python benchmarks/diagnose_acting.py CKPT --dataset antmaze-medium-navigate-v0 --modes default,oracle --eval_episodes 20
@@ -63,6 +66,31 @@ class OverridePolicy:
 
     def make_actor(self, goals):
         return SubgoalOverride(self.agent, goals, self.mode, self.maze)
+
+
+class NoHistory:
+    """The actor's history replaced by the current observation: z_t = E([o_t]) (--history none)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def latent(self, observations):
+        return self.encoder.encode_goals(observations)
+
+    def keep(self, rows):
+        pass
+
+
+class WithoutHistory:
+    """Wraps a policy: its actors act on E([o_t]) instead of the history latent."""
+
+    def __init__(self, policy, agent):
+        self.policy, self.agent = policy, agent
+
+    def make_actor(self, goals):
+        actor = self.policy.make_actor(goals)
+        actor.history = NoHistory(self.agent.encoder)
+        return actor
 
 
 class PathRecorder:
@@ -133,6 +161,9 @@ def main():
     parser.add_argument("--eval_episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed")
     parser.add_argument("--max_episode_steps", type=int, default=None, help="episode limit (default: the env's)")
+    parser.add_argument("--history", choices=("recurrent", "none"), default="recurrent",
+                        help="the latent the agent acts on: its recent history (as trained and evaluated) or the "
+                             "current observation alone (the copycat check; not for oracle_policy)")
     parser.add_argument("--plot_dir", default=None, help="draw each mode's x-y paths per task to DIR/paths_MODE.png")
     args = parser.parse_args()
     print(machine_line())
@@ -149,17 +180,22 @@ def main():
             set_run_subgoal_data(policy, checkpoint.get("run_config", {}), args.dataset, args.dataset_dir)
         else:
             policy = OverridePolicy(OfflineAgent.from_checkpoint(checkpoint, subgoal_source="proposer"), mode, maze)
+        if args.history == "none" and mode != "oracle_policy":
+            policy = WithoutHistory(policy, policy.agent if isinstance(policy, OverridePolicy) else policy)
         if args.plot_dir:
             policy = PathRecorder(policy)
         result = evaluate(policy, args.dataset, args.eval_episodes, seed=args.seed, progress=False,
                           max_episode_steps=args.max_episode_steps)
         tasks = " ".join(f"{result[f'task{k}_success']:.2f}" for k in range(1, 6))
-        print(f"{mode:>14}: success {result['success']:.3f} (tasks {tasks}), mean episode length "
+        label = mode if args.history == "recurrent" else f"{mode} (history {args.history})"
+        print(f"{label:>14}: success {result['success']:.3f} (tasks {tasks}), mean episode length "
               f"{result['episode_length']:.0f}", flush=True)
         if args.plot_dir:
             os.makedirs(args.plot_dir, exist_ok=True)
+            suffix = "" if args.history == "recurrent" else f"_history_{args.history}"
             plot_paths(maze, policy, args.eval_episodes, env.spec.max_episode_steps,
-                       f"{args.dataset}, {mode}: {args.checkpoint}", os.path.join(args.plot_dir, f"paths_{mode}.png"))
+                       f"{args.dataset}, {mode}{suffix}: {args.checkpoint}",
+                       os.path.join(args.plot_dir, f"paths_{mode}{suffix}.png"))
     env.close()
 
 

@@ -127,3 +127,24 @@ def test_diagnose_acting_runs_every_mode_on_a_finished_run_and_draws_its_paths(d
     for mode in ("default", "proposer", "goal", "oracle", "oracle_policy"):
         assert f"{mode:>14}: success " in result.stdout
         assert (tmp_path / f"paths_{mode}.png").stat().st_size > 10_000
+
+
+def test_diagnose_acting_without_history_acts_on_the_current_observation_alone():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from diagnose_acting import WithoutHistory
+    from test_agent import small_agent
+    agent = small_agent(num_noisy_candidates=0)
+    rng = np.random.default_rng(0)
+    goals, last = rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(3, 2)).astype(np.float32)
+
+    def act_after(policy, history):
+        actor = policy.make_actor(goals)
+        for observation in history:
+            actor.act(observation)
+        return actor.act(last)
+
+    histories = [rng.normal(size=(4, 3, 2)).astype(np.float32) * 5 for _ in range(2)]
+    without = [act_after(WithoutHistory(agent, agent), h) for h in histories]
+    assert np.allclose(without[0], without[1])
+    with_history = [act_after(agent, h) for h in histories]
+    assert not np.allclose(with_history[0], with_history[1])
