@@ -148,3 +148,14 @@ def test_diagnose_acting_without_history_acts_on_the_current_observation_alone()
     assert np.allclose(without[0], without[1])
     with_history = [act_after(agent, h) for h in histories]
     assert not np.allclose(with_history[0], with_history[1])
+
+
+def test_stall_ends_reports_each_failed_episodes_last_action_against_the_oracles_direction(deterministic_run):
+    result = subprocess.run([sys.executable, "benchmarks/experiments/stall_ends.py", str(deterministic_run / "last_model.pth"),
+                             "--dataset", TINY_DATASET, "--task", "1", "--episodes", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    success = float(lines[0].rsplit(" ", 1)[1])
+    failed = sum(int(line.split(" x ", 1)[0]) for line in lines[1:])
+    assert failed == round(2 * (1 - success)) and all("cosine" in line for line in lines[1:])
