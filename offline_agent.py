@@ -98,8 +98,6 @@ class AgentConfig:
                                positive_int, group="acting")
     data_stride: int = flag(5, "data/switch: keep every N-th dataset state as a candidate", positive_int,
                             group="acting")
-    data_subgoal_steps: int = flag(0, "data/switch: a candidate is the state this many steps after a dataset state "
-                                      "near the agent (0: k)", non_negative_int, group="acting")
     stall_steps: int = flag(50, "switch: an episode has stalled when it moved less than --stall_radius over this "
                                 "many steps", positive_int, group="acting")
     stall_radius: float = flag(1.0, "switch: the stall distance, in x-y units of the maze", positive_float,
@@ -241,8 +239,7 @@ class OfflineAgent:
         """The dataset whose real states subgoal_source 'data' and 'switch' act with (not saved in checkpoints: the
         trainers and `offline_trainer.py evaluate` set it from the dataset they load)."""
         c = self.config
-        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.data_subgoal_steps or c.subgoal_steps, c.data_stride,
-                                                      self.device)
+        self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, self.device)
 
     # ------------------------------------------------------------------ latents
 
