@@ -43,7 +43,7 @@ INFONCE_TEMPERATURE = 0.1
 SUBGOAL_SOURCES = ("proposer", "data", "switch")
 CHECKPOINT_KEYS = ("agent_config", "step", "encoder", "heads", "targets", "optimizer")
 # what a checkpoint saved before a field existed was trained with (a new default must not change an old agent)
-BEFORE_THE_FIELD = dict(inverse_goal="goal")
+BEFORE_THE_FIELD = dict(inverse_goal="goal", inverse_transitions=0)
 
 
 @dataclass
@@ -83,6 +83,9 @@ class AgentConfig:
     value_steps: int = flag(4, "value steps per update on independent transitions: V(E([o]), E([g])) by k-step "
                                "expectile TD", positive_int, group="training")
     value_batch_size: int = flag(1024, "transitions per value step", positive_int, group="training")
+    inverse_transitions: int = flag(1, "1: each value step also trains the inverse dynamics on its transitions, "
+                                       "I(E([o_t]), E([o_{t+d}])) -> a_t with d uniform in 1..k (0: windows only)",
+                                    choices=[0, 1], type=int, group="training")
     # acting
     subgoal_source: str = flag("switch", "acting: the policy search over the proposal ('proposer'), the best real "
                                          "dataset state by V near the agent ('data'), or 'data' until the agent "
@@ -114,6 +117,9 @@ class AgentConfig:
             raise UserError(f"--value_steps must be >= 1 (V is trained by them alone), got {self.value_steps}")
         if self.inverse_goal not in ("goal", "subgoal"):
             raise UserError(f"inverse_goal must be 'goal' or 'subgoal', got {self.inverse_goal!r}")
+        if self.inverse_transitions and self.inverse_goal != "subgoal":
+            raise UserError("--inverse_transitions 1 trains I(z, z', z') on transitions, which carry no actor goal: "
+                            "it needs --inverse_goal subgoal")
         if self.stall_steps < 1 or not self.stall_radius > 0:
             raise UserError(f"stall_steps must be >= 1 and stall_radius > 0, got {self.stall_steps} and "
                             f"{self.stall_radius}")
@@ -374,7 +380,20 @@ class OfflineAgent:
             target = batch["returns"] + batch["discounts"] * batch["masks"] * self.targets["value"](z_ahead, z_goal)
         v = self.heads.value(z, z_goal)
         loss = expectile_loss(target - v, self.config.expectile).mean()
-        return loss, {"value/loss": loss, "value/v_mean": v.mean()}
+        info = {"value/loss": loss, "value/v_mean": v.mean()}
+        if self.config.inverse_transitions:
+            inverse = self.transition_inverse_loss(z, batch)
+            loss = loss + inverse
+            info["inverse/transition_loss"] = inverse
+        return loss, info
+
+    def transition_inverse_loss(self, z, batch):
+        """I(E([o_t]), E([o_{t+d}])) -> a_t on a value step's independent transitions, the encodings held: the
+        windows give I about a thousand rows per update, too few for the data's noisy actions (four value steps
+        give it four thousand more at a fraction of a window's cost; BENCHMARKS.md, issue 24)."""
+        with torch.no_grad():
+            z_subgoal = self.encoder.encode_goals(batch["inverse_observations"])
+        return (self.action(z, z_subgoal, z_subgoal) - batch["actions"]).square().sum(-1).mean()
 
     # ------------------------------------------------------------------ update
 

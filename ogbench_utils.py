@@ -325,16 +325,19 @@ class WindowSampler:
 
     def sample_transitions(self, batch_size, steps, device="cpu"):
         """batch_size independent steps o_t (never a trajectory's last), each with o_{t+n}, n = min(steps, steps to
-        the trajectory's end), and the value goals, returns, masks and discounts of the class docstring over n."""
+        the trajectory's end), and the value goals, returns, masks and discounts of the class docstring over n;
+        and for the inverse dynamics a_t and o_{t+d}, d uniform in 1..steps (also clipped to the trajectory)."""
         rng, gamma = self.rng, self.discount
         idx = self.transition_starts[rng.integers(len(self.transition_starts), size=batch_size)]
         traj_end = self.data.traj_ends[idx]
         future = np.minimum(idx + steps, traj_end)
         steps_ahead = future - idx
         value_goals, _, returns, goal_within = self._relabel(idx, traj_end, steps_ahead)
+        inverse = np.minimum(idx + rng.integers(1, steps + 1, size=batch_size), traj_end)
         batch = dict(observations=self.data.observations[idx], future_observations=self.data.observations[future],
                      value_goals=value_goals, returns=returns.astype(np.float32),
-                     masks=(~goal_within).astype(np.float32), discounts=(gamma ** steps_ahead).astype(np.float32))
+                     masks=(~goal_within).astype(np.float32), discounts=(gamma ** steps_ahead).astype(np.float32),
+                     actions=self.data.actions[idx], inverse_observations=self.data.observations[inverse])
         return {key: torch.as_tensor(np.ascontiguousarray(v), device=device) for key, v in batch.items()}
 
     def _relabel(self, idx, traj_end, steps_ahead):

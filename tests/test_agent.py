@@ -500,7 +500,7 @@ def test_data_subgoal_checkpoint_round_trips_to_the_same_actions(tmp_path):
 
 def test_value_step_is_the_n_step_expectile_td_of_single_observation_encodings():
     data, _ = small_batch()
-    agent = normalized_agent(data, value_steps=1, expectile=0.8)
+    agent = normalized_agent(data, value_steps=1, expectile=0.8, inverse_transitions=0)   # V's part alone
     batch = WindowSampler(data, 12, 3, 0.99, seed=2).sample_transitions(64, 3)
     assert (batch["masks"] == 0).any() and (batch["masks"] == 1).any()
     loss, _ = agent.value_step_loss(batch)
@@ -510,6 +510,34 @@ def test_value_step_is_the_n_step_expectile_td_of_single_observation_encodings()
         target = batch["returns"] + batch["discounts"] * batch["masks"] * agent.targets["value"](z_ahead, z_goal)
         expected = expectile_loss(target - agent.heads.value(z, z_goal), 0.8).mean()
     torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_value_step_trains_the_inverse_dynamics_on_its_transitions_only_with_inverse_transitions():
+    data, _ = small_batch()
+    data.actions[:] = np.random.default_rng(0).uniform(-1, 1, data.actions.shape)
+    batch = WindowSampler(data, 12, 3, 0.99, seed=2).sample_transitions(64, 3)
+    for flag in (0, 1):
+        agent = normalized_agent(data, value_steps=1, inverse_goal="subgoal", inverse_transitions=flag)
+        value_only = normalized_agent(data, value_steps=1, inverse_goal="subgoal", inverse_transitions=0)
+        loss, info = agent.value_step_loss(batch)
+        with torch.no_grad():
+            z, z_sub = (agent.encoder.encode_goals(batch[k]) for k in ("observations", "inverse_observations"))
+            inverse = (agent.heads.action(z, z_sub, z_sub) - batch["actions"]).square().sum(-1).mean()
+        torch.testing.assert_close(loss.detach(), value_only.value_step_loss(batch)[0].detach() + flag * inverse)
+        before = [p.clone() for p in agent.heads.inverse.parameters()]
+        encoder_before = [p.clone() for p in agent.encoder.parameters()]
+        agent.gradient_step(loss)
+        moved = any(not torch.equal(a, b) for a, b in zip(before, agent.heads.inverse.parameters()))
+        assert moved == bool(flag) and ("inverse/transition_loss" in info) == bool(flag)
+        assert all(torch.equal(a, b) for a, b in zip(encoder_before, agent.encoder.parameters()))  # encodings held
+
+
+def test_inverse_transitions_needs_the_subgoal_as_the_inverse_dynamics_goal_input():
+    with pytest.raises(UserError, match="inverse_goal subgoal"):
+        small_agent(inverse_goal="goal", inverse_transitions=1)
+    state = small_agent(inverse_goal="subgoal").state_dict()
+    del state["agent_config"]["inverse_transitions"]                     # a checkpoint from before the field
+    assert OfflineAgent.from_checkpoint(state).config.inverse_transitions == 0
 
 
 def test_kstep_advantage_is_the_data_return_plus_discounted_value_ahead_minus_value_on_single_states():
@@ -554,7 +582,7 @@ def test_value_steps_carry_the_value_across_two_trajectories_that_only_join():
 
 def test_a_checkpoint_saved_before_inverse_goal_acts_with_the_goal_input_it_was_trained_with():
     state = small_agent().state_dict()
-    del state["agent_config"]["inverse_goal"]
+    del state["agent_config"]["inverse_goal"], state["agent_config"]["inverse_transitions"]   # both came later
     assert OfflineAgent.from_checkpoint(state).config.inverse_goal == "goal"
     assert OfflineAgent.from_checkpoint(state, inverse_goal="subgoal").config.inverse_goal == "subgoal"
     assert OfflineAgent.from_checkpoint(small_agent().state_dict(), subgoal_source="data").config.inverse_goal == "subgoal"

@@ -172,6 +172,20 @@ def test_transitions_are_single_steps_with_n_step_returns_toward_their_goals():
     assert np.all(batch["masks"][far] == 1.0)
 
 
+def test_transitions_carry_the_action_and_an_inverse_subgoal_uniformly_1_to_n_ahead_in_the_trajectory():
+    data = synthetic([300, 200, 400])
+    data.actions[:] = np.arange(len(data), dtype=np.float32)[:, None]       # action i is i too
+    batch = {k: v.numpy() for k, v in WindowSampler(data, context_length=10, subgoal_steps=4, discount=0.9,
+                                                    seed=3).sample_transitions(20000, steps=5).items()}
+    idx, subgoal = index_of(batch["observations"]), index_of(batch["inverse_observations"])
+    ends = data.traj_ends[idx]
+    assert np.array_equal(batch["actions"][:, 0], idx)                        # a_t of the same step
+    assert np.all((subgoal > idx) & (subgoal <= np.minimum(idx + 5, ends)))  # 1..n ahead, never past the end
+    inside = idx + 5 <= ends
+    counts = np.bincount(subgoal[inside] - idx[inside], minlength=6)[1:] / inside.sum()
+    assert np.all(np.abs(counts - 0.2) < 4 * np.sqrt(0.2 * 0.8 / inside.sum()))  # uniform over 1..5
+
+
 def test_transition_goal_frequencies_match_ogbench():
     data = synthetic([1000] * 60)
     batch = WindowSampler(data, context_length=10, subgoal_steps=1, discount=0.9, seed=1).sample_transitions(20000, 1)
