@@ -33,12 +33,12 @@ from utils import (CSVLogger, RunConfig, RunFolder, UserError, add_flags, averag
 
 LOSS_COLUMNS = ["critic/loss", "value/loss", "infonce/loss", "state/loss", "reward/loss", "inverse/loss",
                 "proposer/loss", "critic/q_mean", "value/v_mean", "inverse/advantage_mean", "inverse/action_mse",
-                "infonce/accuracy", "train/grad_norm", "critic_steps/critic_loss"]
+                "infonce/accuracy", "train/grad_norm", "critic_steps/critic_loss", "inverse/transition_loss"]
 EVAL_COLUMNS = (["success"] + [f"task{k}_success" for k in range(1, NUM_EVAL_TASKS + 1)]
                 + ["non_finite_episodes", "episode_length"])
 CURVE_PANELS = [("critic loss", ["critic/loss"]), ("value loss", ["value/loss"]), ("state loss", ["state/loss"]),
                 ("reward/done loss", ["reward/loss"]), ("InfoNCE loss", ["infonce/loss"]),
-                ("inverse / proposer loss", ["inverse/loss", "proposer/loss"]),
+                ("inverse / proposer loss", ["inverse/loss", "inverse/transition_loss", "proposer/loss"]),
                 ("evaluation success", ["eval/success"])]
 RUN_FILES = ("metrics.csv", "last_model.pth", "best_model.pth", "config.json", "training_curves.png")
 RUN_KEYS = ("epoch", "best_success", "elapsed", "run_config", "rng_torch", "rng_sampler")

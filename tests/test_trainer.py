@@ -150,6 +150,26 @@ def test_diagnose_acting_without_history_acts_on_the_current_observation_alone()
     assert not np.allclose(with_history[0], with_history[1])
 
 
+def test_inverse_finetune_trains_the_inverse_head_alone_and_saves_a_checkpoint_that_acts(deterministic_run,
+                                                                                       tiny_dataset_dir, tmp_path):
+    from offline_agent import OfflineAgent
+    out = tmp_path / "finetuned.pth"
+    result = subprocess.run([sys.executable, "benchmarks/experiments/inverse_finetune.py",
+                             str(deterministic_run / "last_model.pth"), "--dataset", TINY_DATASET, "--dataset_dir",
+                             tiny_dataset_dir, "--steps", "8", "--batch", "64", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "before: action error" in result.stdout and "after 8 steps" in result.stdout
+    before = load_checkpoint(deterministic_run / "last_model.pth")
+    after = load_checkpoint(out)
+    assert all(torch.equal(before["encoder"][k], after["encoder"][k]) for k in before["encoder"])
+    changed = [k for k in before["heads"] if not torch.equal(before["heads"][k], after["heads"][k])]
+    assert changed and all(k.startswith("inverse.") for k in changed)
+    agent = OfflineAgent.from_checkpoint(after, subgoal_source="proposer")
+    assert np.isfinite(agent.make_actor(np.zeros((1, agent.config.obs_dim), np.float32)).act(
+        np.zeros((1, agent.config.obs_dim), np.float32))).all()
+
+
 def test_stall_ends_reports_each_failed_episodes_last_action_against_the_oracles_direction(deterministic_run):
     result = subprocess.run([sys.executable, "benchmarks/experiments/stall_ends.py", str(deterministic_run / "last_model.pth"),
                              "--dataset", TINY_DATASET, "--task", "1", "--episodes", "2"],
