@@ -2,9 +2,11 @@
 
 Loads a checkpoint, measures the inverse dynamics' action error I(E([o_t]), E([o_{t+d}])) -> a_t (d uniform in
 1..k) on the training data's transitions, split into those where the point touches a wall and the rest, then trains
-the inverse head alone for --steps steps of --batch independent transitions on the frozen encoder (as the value
-steps train V) and measures again. With --out it saves the checkpoint with the new inverse head, to act with
-(`diagnose_acting.py`, `offline_trainer.py evaluate`). Pointmaze only (the wall test reads x-y as the point's).
+the inverse head alone for --steps steps of --batch independent transitions on the frozen encoder (the loss of
+`--inverse_transitions`, `OfflineAgent.transition_inverse_loss`) and measures again. With --out it saves the
+checkpoint with the new inverse head, to act with (`diagnose_acting.py`, `offline_trainer.py evaluate`). Pointmaze
+only (the wall test reads x-y as the point's). The readings in BENCHMARKS.md ran an earlier version that drew its
+transitions with its own sampler (the same distribution, other draws; commit 1f17f54).
 
     python benchmarks/experiments/inverse_finetune.py runs/bench/pointmaze-medium-stitch-v0-seed19/last_model.pth \\
         --dataset pointmaze-medium-stitch-v0 --steps 2000 --out runs/exp/inverse_ft19.pth
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from offline_agent import OfflineAgent   # noqa: E402
-from ogbench_utils import load_datasets, make_env   # noqa: E402
+from ogbench_utils import WindowSampler, load_datasets, make_env   # noqa: E402
 from utils import load_checkpoint, save_checkpoint, set_seed   # noqa: E402
 
 CONTACT = 1.2   # |offset from the cell centre| beyond which the point (radius ~0.7, cell half-width 2) touches
@@ -35,27 +37,14 @@ def touches_wall(maze, xy):
                 or (abs(dy) > CONTACT and walls[i + int(np.sign(dy)), j] == 1))
 
 
-def sample_rows(data, rng, size, steps):
-    """Independent steps o_t (never a trajectory's last), with o_{t+d}, d uniform in 1..steps (clipped to the
-    trajectory's end), and a_t."""
-    starts = np.flatnonzero(data.traj_ends != np.arange(len(data)))
-    idx = starts[rng.integers(len(starts), size=size)]
-    ahead = np.minimum(idx + rng.integers(1, steps + 1, size=size), data.traj_ends[idx])
-    return idx, ahead
-
-
-def action_errors(agent, data, idx, ahead):
+def report(label, agent, probe, contact):
+    """I's action error on the probe's transitions at wall contact and elsewhere."""
     with torch.no_grad():
-        z, z_sub = agent.encoder.encode_goals(torch.as_tensor(np.stack([data.observations[idx],
-                                                                         data.observations[ahead]])))
-        actions = torch.as_tensor(data.actions[idx])
-        return (agent.action(z, z_sub, z_sub) - actions).square().sum(-1).numpy()
-
-
-def report(label, agent, data, probe, contact):
-    errors = action_errors(agent, data, *probe)
-    print(f"{label}: action error (sum of squares) at wall contact {errors[contact].mean():.3f} "
-          f"({contact.sum()} rows), elsewhere {errors[~contact].mean():.3f} ({(~contact).sum()} rows)", flush=True)
+        z = agent.encoder.encode_goals(probe["observations"])
+        errors = [agent.transition_inverse_loss(z[rows], {k: v[rows] for k, v in probe.items()}).item()
+                  for rows in (contact, ~contact)]
+    print(f"{label}: action error (sum of squares) at wall contact {errors[0]:.3f} ({int(contact.sum())} rows), "
+          f"elsewhere {errors[1]:.3f} ({int((~contact).sum())} rows)", flush=True)
 
 
 def main():
@@ -76,27 +65,26 @@ def main():
         raise SystemExit("this experiment trains I(z, z', z'): the checkpoint's inverse_goal must be 'subgoal'")
     data, _ = load_datasets(args.dataset, args.dataset_dir)
     maze = make_env(args.dataset).unwrapped
-    rng = np.random.default_rng(args.seed)
+    sampler = WindowSampler(data, **agent.config.sampler_settings(), seed=args.seed)
     k = agent.config.subgoal_steps
-    probe = sample_rows(data, rng, 16384, k)
-    contact = np.array([touches_wall(maze, xy) for xy in data.observations[probe[0], :2]])
-    pushes = (data.actions[probe[0]][contact] ** 2).sum(-1).mean()
-    print(f"{args.checkpoint}: {contact.mean():.3f} of the data's steps touch a wall (mean |a|^2 there {pushes:.2f})")
-    report("before", agent, data, probe, contact)
-    head = agent.heads.inverse
-    optimizer = torch.optim.Adam(head.parameters(), lr=args.lr)
+    probe = sampler.sample_transitions(16384, k)
+    contact = torch.tensor([touches_wall(maze, xy) for xy in probe["observations"][:, :2].numpy()])
+    pushes = probe["actions"][contact].square().sum(-1).mean()
+    print(f"{args.checkpoint}: {contact.float().mean():.3f} of the data's steps touch a wall (mean |a|^2 there "
+          f"{pushes:.2f})")
+    report("before", agent, probe, contact)
+    optimizer = torch.optim.Adam(agent.heads.inverse.parameters(), lr=args.lr)
     start = time.time()
     for step in range(1, args.steps + 1):
-        idx, ahead = sample_rows(data, rng, args.batch, k)
+        batch = sampler.sample_transitions(args.batch, k)
         with torch.no_grad():
-            z, z_sub = agent.encoder.encode_goals(torch.as_tensor(np.stack([data.observations[idx],
-                                                                             data.observations[ahead]])))
-        loss = (agent.action(z, z_sub, z_sub) - torch.as_tensor(data.actions[idx])).square().sum(-1).mean()
+            z = agent.encoder.encode_goals(batch["observations"])
+        loss = agent.transition_inverse_loss(z, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % max(1, args.steps // 4) == 0:
-            report(f"after {step} steps ({time.time() - start:.0f} s)", agent, data, probe, contact)
+            report(f"after {step} steps ({time.time() - start:.0f} s)", agent, probe, contact)
     if args.out:
         checkpoint.update({key: value for key, value in agent.state_dict().items() if key in ("heads",)})
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
