@@ -373,27 +373,26 @@ class OfflineAgent:
         toward the return over k steps plus gamma^k V_target(E([o_{t+k}]), E([g])), no Q in between. The
         encodings are constants here: V fits the encoder the other losses shape, at a third of the cost of a step
         through it (and the value it learns ranks the maze as well, BENCHMARKS.md)."""
-        with torch.no_grad():
-            z, z_ahead, z_goal = self.encoder.encode_goals(torch.stack([batch["observations"],
-                                                                        batch["future_observations"],
-                                                                        batch["value_goals"]]))
+        inputs = ["observations", "future_observations", "value_goals"]
+        if self.config.inverse_transitions:
+            inputs.append("inverse_observations")
+        with torch.no_grad():   # one encoder call for every encoding of the step
+            z, z_ahead, z_goal, *z_inverse = self.encoder.encode_goals(torch.stack([batch[k] for k in inputs]))
             target = batch["returns"] + batch["discounts"] * batch["masks"] * self.targets["value"](z_ahead, z_goal)
         v = self.heads.value(z, z_goal)
         loss = expectile_loss(target - v, self.config.expectile).mean()
         info = {"value/loss": loss, "value/v_mean": v.mean()}
-        if self.config.inverse_transitions:
-            inverse = self.transition_inverse_loss(z, batch)
+        if z_inverse:
+            inverse = self.transition_inverse_loss(z, z_inverse[0], batch["actions"])
             loss = loss + inverse
             info["inverse/transition_loss"] = inverse
         return loss, info
 
-    def transition_inverse_loss(self, z, batch):
+    def transition_inverse_loss(self, z, z_subgoal, actions):
         """I(E([o_t]), E([o_{t+d}])) -> a_t on a value step's independent transitions, the encodings held: the
         windows give I about a thousand rows per update, too few for the data's noisy actions (four value steps
         give it four thousand more at a fraction of a window's cost; BENCHMARKS.md, issue 24)."""
-        with torch.no_grad():
-            z_subgoal = self.encoder.encode_goals(batch["inverse_observations"])
-        return (self.action(z, z_subgoal, z_subgoal) - batch["actions"]).square().sum(-1).mean()
+        return (self.action(z, z_subgoal, z_subgoal) - actions).square().sum(-1).mean()
 
     # ------------------------------------------------------------------ update
 

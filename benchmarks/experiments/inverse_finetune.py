@@ -37,11 +37,17 @@ def touches_wall(maze, xy):
                 or (abs(dy) > CONTACT and walls[i + int(np.sign(dy)), j] == 1))
 
 
+def encode(agent, batch):
+    """E([o_t]) and E([o_{t+d}]) of a batch of transitions, held."""
+    with torch.no_grad():
+        return agent.encoder.encode_goals(torch.stack([batch["observations"], batch["inverse_observations"]]))
+
+
 def report(label, agent, probe, contact):
     """I's action error on the probe's transitions at wall contact and elsewhere."""
+    z, z_subgoal = encode(agent, probe)
     with torch.no_grad():
-        z = agent.encoder.encode_goals(probe["observations"])
-        errors = [agent.transition_inverse_loss(z[rows], {k: v[rows] for k, v in probe.items()}).item()
+        errors = [agent.transition_inverse_loss(z[rows], z_subgoal[rows], probe["actions"][rows]).item()
                   for rows in (contact, ~contact)]
     print(f"{label}: action error (sum of squares) at wall contact {errors[0]:.3f} ({int(contact.sum())} rows), "
           f"elsewhere {errors[1]:.3f} ({int((~contact).sum())} rows)", flush=True)
@@ -77,16 +83,14 @@ def main():
     start = time.time()
     for step in range(1, args.steps + 1):
         batch = sampler.sample_transitions(args.batch, k)
-        with torch.no_grad():
-            z = agent.encoder.encode_goals(batch["observations"])
-        loss = agent.transition_inverse_loss(z, batch)
+        loss = agent.transition_inverse_loss(*encode(agent, batch), batch["actions"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % max(1, args.steps // 4) == 0:
             report(f"after {step} steps ({time.time() - start:.0f} s)", agent, probe, contact)
     if args.out:
-        checkpoint.update({key: value for key, value in agent.state_dict().items() if key in ("heads",)})
+        checkpoint["heads"] = agent.heads.state_dict()
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_checkpoint(checkpoint, args.out)
         print(f"saved {args.out}")
