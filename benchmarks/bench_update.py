@@ -3,7 +3,7 @@ on batch_size windows x context_length steps, in transitions per second; a value
 --value_batch_size transitions), in value backups per second; a training step (the update, its `--critic_steps`
 critic steps and `--value_steps` value steps); then a profile of where an update's time goes.
 
-    python benchmarks/bench_update.py [--batch_size 16 --context_length 100 --repeats 10 --profile]
+    python benchmarks/bench_update.py [--batch_size 16 --context_length 100 --value_batch_size 1024 --repeats 10 --profile]
 """
 import argparse
 
@@ -51,6 +51,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16, help="windows per update")
     parser.add_argument("--context_length", type=int, default=100, help="steps per window")
     parser.add_argument("--repeats", type=int, default=10, help="timed updates (median reported)")
+    parser.add_argument("--value_batch_size", type=int, default=AgentConfig.value_batch_size,
+                        help="transitions per value step (the training default unless given)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     parser.add_argument("--profile", action="store_true", help="print the top operators of a profiled update")
     args = parser.parse_args()
@@ -59,7 +61,7 @@ def main():
     print(machine_line())
     data = synthetic_maze_data()
     agent = OfflineAgent(AgentConfig(obs_dim=2, action_dim=2, context_length=args.context_length,
-                                     mamba_backend="torch"))
+                                     value_batch_size=args.value_batch_size, mamba_backend="torch"))
     agent.set_normalization(data.observations)
     c = agent.config
     sampler = WindowSampler(data, **c.sampler_settings())
