@@ -13,6 +13,7 @@ import torch
 from common import machine_line, median_seconds
 from offline_agent import AgentConfig, OfflineAgent
 from ogbench_utils import Trajectories, WindowSampler
+from utils import positive_int
 
 
 def synthetic_maze_data(num_trajectories=50, length=1001, seed=0):
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16, help="windows per update")
     parser.add_argument("--context_length", type=int, default=100, help="steps per window")
     parser.add_argument("--repeats", type=int, default=10, help="timed updates (median reported)")
-    parser.add_argument("--value_batch_size", type=int, default=AgentConfig.value_batch_size,
+    parser.add_argument("--value_batch_size", type=positive_int, default=AgentConfig.value_batch_size,
                         help="transitions per value step (the training default unless given)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     parser.add_argument("--profile", action="store_true", help="print the top operators of a profiled update")
