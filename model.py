@@ -127,17 +127,20 @@ def ssm_inputs(mixer, x):
 def forward_from_zero_state(mixer, hidden_states):
     """A Mamba mixer (`TorchMamba` or `mamba_ssm.Mamba`: same parameters) on length-1 sequences from a zero
     state, as plain (batch, features) math: the conv sees only its last tap and the state is delta x B, so
-    y = delta x (B . C) + D x. Goal encodings are thousands of such sequences per batch; through mamba_ssm's
-    kernels a 256-window update took 20x longer on a GPU (BENCHMARKS.md, section 6)."""
-    x, z = mixer.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
-    x = x * mixer.conv1d.weight[:, 0, -1]
-    if mixer.conv1d.bias is not None:
-        x = x + mixer.conv1d.bias
-    x = F.silu(x)
+    y = x (delta (B . C) + D). Goal encodings are thousands of such sequences per batch; through mamba_ssm's
+    kernels a 256-window update took 20x longer on a GPU (BENCHMARKS.md, section 6). The conv's tap and bias
+    are folded into in_proj's x rows, which spares two passes over (batch, d_inner) (section 2)."""
+    h = hidden_states[:, 0]
+    x_bias, z_bias = (None, None) if mixer.in_proj.bias is None else mixer.in_proj.bias.chunk(2)
+    x_weight, z_weight = mixer.in_proj.weight.chunk(2)
+    tap, conv_bias = mixer.conv1d.weight[:, 0, -1], mixer.conv1d.bias
+    if x_bias is not None:
+        conv_bias = x_bias * tap if conv_bias is None else x_bias * tap + conv_bias
+    x = F.silu(F.linear(h, x_weight * tap[:, None], conv_bias))
     dt, B, C = ssm_inputs(mixer, x)
     dt = F.softplus(dt + mixer.dt_proj.bias)
-    y = dt * x * (B * C).sum(-1, keepdim=True) + mixer.D * x
-    return mixer.out_proj(y * F.silu(z)).unsqueeze(1)
+    y = x * torch.addcmul(mixer.D, dt, (B * C).sum(-1, keepdim=True))
+    return mixer.out_proj(y * F.silu(F.linear(h, z_weight, z_bias))).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- Mamba mixer

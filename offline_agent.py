@@ -219,7 +219,8 @@ class OfflineAgent:
                                            config.hidden_dim)).to(self.device)
         self.targets = torch.nn.ModuleDict(dict(q1=copy.deepcopy(self.heads.q1), q2=copy.deepcopy(self.heads.q2),
                                                 value=copy.deepcopy(self.heads.value))).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
+        # fused: one kernel per step instead of a loop over ~100 tensors (BENCHMARKS.md, section 2)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr, fused=True)
         self.step = 0
         self.subgoal_data = None
 
@@ -478,6 +479,8 @@ class OfflineAgent:
         self.heads.load_state_dict(state["heads"])
         self.targets.load_state_dict(state["targets"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:   # checkpoints from before the fused optimiser say fused=None
+            group["fused"] = True
         self.step = state["step"]
 
     @classmethod

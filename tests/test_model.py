@@ -34,6 +34,27 @@ def test_gradients_match_float64_autograd():
         assert rel < 1e-4, name
 
 
+@pytest.mark.parametrize("bias, conv_bias", [(False, True), (True, False), (True, True)])
+def test_length_one_closed_form_equals_the_scan_with_its_gradients(bias, conv_bias):
+    """The closed form (conv tap folded into in_proj) against the first position of the full scan: the
+    outputs and every parameter's gradient, with and without in_proj's and the conv's biases."""
+    torch.manual_seed(3)
+    closed, scanned = (TorchMamba(32, bias=bias, conv_bias=conv_bias) for _ in range(2))
+    with torch.no_grad():
+        closed.D.add_(0.5 * torch.randn_like(closed.D))
+        closed.dt_proj.bias.add_(torch.randn_like(closed.dt_proj.bias))
+    scanned.load_state_dict(closed.state_dict())
+    hidden = torch.randn(5, 2, 32)
+    first_closed, first_scanned = closed(hidden[:, :1])[:, 0], scanned(hidden)[:, 0]
+    torch.testing.assert_close(first_closed, first_scanned, rtol=1e-5, atol=1e-6)
+    first_closed.pow(2).sum().backward()
+    first_scanned.pow(2).sum().backward()
+    for (name, p_closed), p_scanned in zip(closed.named_parameters(), scanned.parameters()):
+        if name == "A_log":   # the state starts at zero: A does not reach the first position
+            continue
+        torch.testing.assert_close(p_closed.grad, p_scanned.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_selective_scan_gradcheck():
     torch.manual_seed(0)
     b, d, n, length = 2, 3, 4, 5
