@@ -129,7 +129,7 @@ def forward_from_zero_state(mixer, hidden_states):
     state, as plain (batch, features) math: the conv sees only its last tap and the state is delta x B, so
     y = x (delta (B . C) + D). Goal encodings are thousands of such sequences per batch; through mamba_ssm's
     kernels a 256-window update took 20x longer on a GPU (BENCHMARKS.md, section 6). The conv's tap and bias
-    are folded into in_proj's x rows, which spares two passes over (batch, d_inner) (section 2)."""
+    are folded into in_proj's x rows, which spares passes over (batch, d_inner) (section 2)."""
     h = hidden_states[:, 0]
     x_bias, z_bias = (None, None) if mixer.in_proj.bias is None else mixer.in_proj.bias.chunk(2)
     x_weight, z_weight = mixer.in_proj.weight.chunk(2)
