@@ -586,3 +586,12 @@ def test_a_checkpoint_saved_before_inverse_goal_acts_with_the_goal_input_it_was_
     assert OfflineAgent.from_checkpoint(state).config.inverse_goal == "goal"
     assert OfflineAgent.from_checkpoint(state, inverse_goal="subgoal").config.inverse_goal == "subgoal"
     assert OfflineAgent.from_checkpoint(small_agent().state_dict(), subgoal_source="data").config.inverse_goal == "subgoal"
+
+
+def test_a_checkpoint_saved_before_the_fused_optimiser_resumes_fused():
+    """torch restores the saved param groups' flags; a checkpoint from before `fused=True` must not switch it off."""
+    state = small_agent().state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    agent = OfflineAgent.from_checkpoint(state)
+    assert all(group["fused"] is True for group in agent.optimizer.param_groups)
