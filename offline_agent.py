@@ -222,7 +222,7 @@ class OfflineAgent:
         # fused: one kernel per step instead of a loop over ~100 tensors (BENCHMARKS.md, section 2)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr, fused=True)
         self.step = 0
-        self.subgoal_data = None
+        self.subgoal_data = self.subgoal_index = None
 
     @property
     def context_length(self):
@@ -247,6 +247,18 @@ class OfflineAgent:
         trainers and `offline_trainer.py evaluate` set it from the dataset they load)."""
         c = self.config
         self.subgoal_data = DataSubgoals.from_dataset(dataset, c.subgoal_steps, c.data_stride, self.device)
+        self.subgoal_index = None
+
+    def nearest_subgoal_states(self):
+        """The kept states by position (`NearestByPosition`), one index shared by every actor: the full searches it
+        caches depend on the normalised positions alone, which training never moves, so an online run builds it
+        once and not at every episode (on antmaze 1-2 s an episode; BENCHMARKS.md, "Acting cost")."""
+        normalization = torch.cat([self.encoder.obs_mean[:2], self.encoder.obs_std[:2]])
+        if self.subgoal_index is None or not torch.equal(self.subgoal_index[0], normalization):
+            positions = self.encoder.normalize(self.subgoal_data.states)[:, :2]
+            k = min(self.config.data_neighbors, len(self.subgoal_data))
+            self.subgoal_index = normalization.clone(), NearestByPosition(positions, k)
+        return self.subgoal_index[1]
 
     # ------------------------------------------------------------------ latents
 
@@ -531,7 +543,7 @@ class Actor:
                 raise UserError(f"subgoal_source {c.subgoal_source!r} acts with the dataset's states, but none is "
                                 "set: call agent.set_subgoal_data(dataset) (the trainers and the evaluate command do)")
             with torch.no_grad():
-                self.table = SubgoalTable(agent, agent.subgoal_data, self.z_goal)
+                self.table = SubgoalTable(agent, self.z_goal)
         if c.subgoal_source == "switch":
             self.switch = StallSwitch(len(goals), c.stall_steps, c.stall_radius, agent.device)
         # V of a state the goal is goal_reach_steps from
@@ -673,11 +685,11 @@ class SubgoalTable:
     a fraction of the maze's states, and encoding all 200,000 took 6 s, longer than most episodes.
     """
 
-    def __init__(self, agent, data, z_goal, chunk=4096):
+    def __init__(self, agent, z_goal, chunk=4096):
+        data = agent.subgoal_data
         self.encoder, self.value, self.chunk = agent.encoder, agent.heads.value, chunk
         self.successors, self.z_goal = data.successors, z_goal
-        self.nearest = NearestByPosition(self.encoder.normalize(data.states)[:, :2],
-                                         min(agent.config.data_neighbors, len(data)))
+        self.nearest = agent.nearest_subgoal_states()
         self.latents = torch.zeros(len(data), agent.config.latent_dim, device=z_goal.device)
         self.encoded = torch.zeros(len(data), dtype=torch.bool, device=z_goal.device)
         self.values = torch.zeros(len(z_goal), len(data), device=z_goal.device)

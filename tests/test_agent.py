@@ -317,7 +317,7 @@ def test_data_subgoal_is_the_successor_of_a_state_nearest_by_position_with_the_b
     bank = agent.subgoal_data
     with torch.no_grad():
         z_goal = agent.encoder.encode_goals(goals)
-        chosen = SubgoalTable(agent, bank, z_goal).subgoals(observations)
+        chosen = SubgoalTable(agent, z_goal).subgoals(observations)
         # reference: brute force in float64 over the bank
         positions = agent.encoder.normalize(bank.states)[:, :2].double()
         nearest = torch.cdist(agent.encoder.normalize(observations)[:, :2].double(), positions).argsort(dim=1)
@@ -345,6 +345,23 @@ def test_nearest_by_position_finds_exactly_the_k_nearest_in_every_cell(k):
     assert len(search.discs) > 1
 
 
+def test_actors_share_one_position_index_until_the_normalisation_or_the_data_changes():
+    data, _ = small_batch(obs_dim=4)
+    agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=7, data_stride=2)
+    agent.set_subgoal_data(data)
+    goals = data.observations[[20, 0, 119]]
+    first = agent.make_actor(goals)
+    first.act(data.observations[[3, 50, 101]])
+    assert agent.make_actor(goals).table.nearest is first.table.nearest     # the cells searched stay searched
+
+    agent.set_normalization(data.observations * 2.0)
+    renormalised = agent.make_actor(goals).table.nearest
+    assert renormalised is not first.table.nearest
+    torch.testing.assert_close(renormalised.positions, agent.encoder.normalize(agent.subgoal_data.states)[:, :2])
+    agent.set_subgoal_data(data)                                             # the data set anew: a new index
+    assert agent.make_actor(goals).table.nearest is not renormalised
+
+
 def test_data_subgoals_computed_when_first_met_equal_a_full_table_over_steps_and_finished_episodes():
     data, _ = small_batch(obs_dim=4)
     agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=9, data_stride=1)
@@ -353,7 +370,7 @@ def test_data_subgoals_computed_when_first_met_equal_a_full_table_over_steps_and
     goals = torch.as_tensor(data.observations[[20, 0, 119, 77]])
     with torch.no_grad():
         z_goal = agent.encoder.encode_goals(goals)
-        table = SubgoalTable(agent, bank, z_goal, chunk=7)
+        table = SubgoalTable(agent, z_goal, chunk=7)
         latents = agent.encoder.encode_goals(bank.successors)
         values = torch.stack([agent.heads.value(latents, z.expand_as(latents)) for z in z_goal])
         positions = agent.encoder.normalize(bank.states)[:, :2]
