@@ -8,8 +8,10 @@ search (`NearestByPosition.CELL_OF_RADIUS`).
     python benchmarks/bench_acting.py [--envs 100 --lengths 25 50 100 200 --steps 30]
     python benchmarks/bench_acting.py --lengths \
         --checkpoint runs/bench/pointmaze-medium-navigate-v0-seed12/last_model.pth --dataset pointmaze-medium-navigate-v0 --dataset_dir datasets/generated --cell_fractions 0.25 0.5 1.0
+    python benchmarks/bench_acting.py --lengths --threads 1 --online_run runs/online
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -42,7 +44,12 @@ def main():
     parser.add_argument("--path_steps", type=int, default=1000, help="data subgoals: steps of each path")
     parser.add_argument("--cell_fractions", type=float, nargs="+", default=[NearestByPosition.CELL_OF_RADIUS],
                         help="data subgoals: cell sides to time, over the median r_k")
+    parser.add_argument("--online_run", help="an online run's folder: its episodes' position lookups, a new index "
+                                             "per episode against one")
+    parser.add_argument("--repeats", type=int, default=2, help="--online_run: alternating repeats")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     print(machine_line())
@@ -57,6 +64,8 @@ def main():
         print(f"{'':>15}{length:>8}{window:>12.1f}{recurrent:>14.1f}{window / recurrent:>8.1f}")
     if args.checkpoint:
         data_subgoal_costs(args)
+    if args.online_run:
+        index_per_episode_costs(args)
 
 
 def data_subgoal_costs(args):
@@ -72,14 +81,42 @@ def data_subgoal_costs(args):
           f"{agent.config.data_neighbors} neighbours, {args.envs} dataset trajectories x {args.path_steps} steps")
     for fraction in args.cell_fractions:
         NearestByPosition.CELL_OF_RADIUS = fraction
+        agent.subgoal_index = None   # the agent keeps its index: a new cell side needs a new one
         with torch.no_grad():
-            table = SubgoalTable(agent, agent.subgoal_data, agent.encoder.encode_goals(goals))
+            table = SubgoalTable(agent, agent.encoder.encode_goals(goals))
             start = time.perf_counter()
             for observations in torch.as_tensor(paths):
                 table.subgoals(observations)
         step_ms = 1000 * (time.perf_counter() - start) / args.path_steps
         print(f"cell side {fraction} x median r_k: {step_ms:.1f} ms per step, {len(table.nearest.discs)} cells, "
               f"(state, goal) pairs valued {table.valued.float().mean():.2f}")
+
+
+def index_per_episode_costs(args):
+    """The position lookups of an online run's episodes, one step at a time: a new index for every episode (as
+    every explorer built its own before 2d7a557) against the agent's one index."""
+    checkpoint = load_checkpoint(os.path.join(args.online_run, "last_online_model.pth"), required=CHECKPOINT_KEYS)
+    agent = OfflineAgent.from_checkpoint(checkpoint)
+    data, _ = load_datasets(checkpoint["run_config"]["dataset"], args.dataset_dir, None)
+    agent.set_subgoal_data(data)
+    positions = agent.encoder.normalize(agent.subgoal_data.states)[:, :2]
+    buffer = checkpoint["online_buffer"]
+    ends = buffer["traj_ends"].numpy()
+    episodes = [agent.encoder.normalize(buffer["observations"][s:ends[s] + 1])[:, :2]
+                for s in np.r_[0, np.flatnonzero(np.diff(ends)) + 1]]
+
+    def lookups(new_index_per_episode):
+        start, index = time.perf_counter(), None
+        for episode in episodes:
+            if index is None or new_index_per_episode:
+                index = NearestByPosition(positions, min(agent.config.data_neighbors, len(positions)))
+            for position in episode:
+                index(position[None])
+        return time.perf_counter() - start
+    print(f"position lookups of {len(episodes)} online episodes ({sum(map(len, episodes))} steps) of {args.online_run}")
+    for _ in range(args.repeats):
+        print(f"a new index per episode {lookups(True):.1f} s, one index {lookups(False):.1f} s")
+
 
 if __name__ == "__main__":
     main()
