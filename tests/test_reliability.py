@@ -134,6 +134,11 @@ def test_non_finite_loss_stops_with_the_loss_and_step(tiny_dataset_dir, tmp_path
 
 
 @pytest.mark.slow
+def logged_rows(path):
+    """Complete rows of a metrics file (a line still being written has no newline yet)."""
+    return path.read_text().count("\n") - 1 if path.exists() else 0
+
+
 def test_killing_a_run_at_random_moments_leaves_loadable_checkpoints(tiny_dataset_dir, tmp_path):
     save_dir = tmp_path / "run"
     command = [sys.executable, "offline_trainer.py", *tiny(tiny_dataset_dir, save_dir, "--num_epochs", "1000",
@@ -142,8 +147,14 @@ def test_killing_a_run_at_random_moments_leaves_loadable_checkpoints(tiny_datase
     kills = 0
     for attempt in range(6):
         extra = ["--resume"] if (save_dir / "last_model.pth").exists() else ["--overwrite"]
+        rows = logged_rows(save_dir / "metrics.csv")
         process = subprocess.Popen(command + extra, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(4.0, 9.0))     # imports take ~3 s; then epochs and saves every fraction of a second
+        # however slow the machine, kill while it trains and saves: after a new row, within the next epochs
+        deadline = time.monotonic() + 300
+        while logged_rows(save_dir / "metrics.csv") <= rows:
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended or stalled before an epoch"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
