@@ -34,7 +34,7 @@ def main():
     data, _ = load_datasets(args.dataset, args.dataset_dir, None)
     print(f"{args.dataset} (offline): {describe(data.actions)}")
     for run in args.runs:
-        buffer = load_checkpoint(os.path.join(run, "last_online_model.pth"))["online_buffer"]
+        buffer = load_checkpoint(os.path.join(run, "last_online_model.pth"), required=("online_buffer",))["online_buffer"]
         actions, ends = buffer["actions"].numpy(), buffer["traj_ends"].numpy()
         episode = np.searchsorted(np.unique(ends), np.arange(len(ends)))   # each row's episode, from 0
         executed = np.arange(len(ends)) != ends        # an episode's last row holds a padding action

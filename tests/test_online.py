@@ -13,7 +13,7 @@ from ogbench_utils import Trajectories, WindowSampler
 from online_agent import OnlineAgent, exploration_schedule, goal_biased_subgoals, online_fraction_of_batch
 from offline_agent import AgentConfig
 from test_trainer import ROOT, TINY_RUN
-from utils import load_checkpoint, read_csv
+from utils import CHECKPOINT_FORMAT, load_checkpoint, read_csv
 
 SCHEDULE = dict(epsilon_start=0.3, epsilon_end=0.05, action_noise_start=0.2, action_noise_end=0.05)
 
@@ -130,6 +130,22 @@ def test_mixed_transitions_take_the_online_share_from_the_online_buffer():
     np.testing.assert_array_equal(batch["observations"][:, 0].numpy(), [0, 0, 0, 0, 1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("method", ["sample", "sample_transitions"])
+def test_with_online_inverse_0_each_row_says_whether_the_inverse_dynamics_imitates_it(method):
+    offline = Trajectories.from_terminals(np.zeros((50, 2), np.float32), np.zeros((50, 2), np.float32),
+                                          np.arange(50) % 10 == 9)
+    online = Trajectories.empty(2, 2)
+    online.append(np.ones((30, 2)), np.zeros((30, 2)), np.ones(2), np.zeros(30, bool))
+    samplers = [WindowSampler(d, 10, 3, 0.99, seed=0) for d in (offline, online)]
+    kwargs = dict(steps=3) if method == "sample_transitions" else {}
+    batch, n_online = online_trainer.mixed_batch(*samplers, 8, 0.5, method, online_inverse=0, **kwargs)
+    rows = batch["observations"].shape[:-1]
+    expected = torch.cat([torch.ones((4,) + rows[1:]), torch.zeros((4,) + rows[1:])])   # offline rows first
+    assert n_online == 4 and torch.equal(batch["imitate"], expected)
+    default, _ = online_trainer.mixed_batch(*samplers, 8, 0.5, method, **kwargs)
+    assert "imitate" not in default                   # the default batch is the offline trainer's, unchanged
+
+
 def test_online_share_of_the_batch():
     assert online_fraction_of_batch(8, 0.5, 0) == 0
     assert online_fraction_of_batch(8, 0.5, 100) == 4
@@ -154,6 +170,26 @@ def test_online_run_loads_the_offline_checkpoint_and_writes_every_output(tiny_da
     offline_step = load_checkpoint(offline_dir / "best_model.pth")["step"]
     last = load_checkpoint(online_dir / "last_online_model.pth")
     assert last["step"] == offline_step + 4 and last["phase"] == "online"
+
+
+def test_online_inverse_0_runs_and_an_online_run_from_before_the_flag_resumes_imitating(tiny_dataset_dir, tmp_path):
+    offline_dir = tmp_path / "offline"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
+    online_dir = tmp_path / "online"
+    common = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(online_dir)]
+    online_trainer.main(common + ["--checkpoint", str(offline_dir / "best_model.pth"), "--max_episodes", "2",
+                                  "--updates_per_episode", "2", "--batch_size", "2", "--eval_every", "2",
+                                  "--eval_episodes", "1", "--no_progress", "--max_episode_steps", "40",
+                                  "--online_inverse", "0"])
+    metrics = read_csv(online_dir / "online_metrics.csv")
+    assert np.isfinite(metrics["inverse/loss"][1:]).all()
+    last = online_dir / "last_online_model.pth"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["run_config"]["online_inverse"] == 0
+    del checkpoint["run_config"]["online_inverse"]          # as saved before the flag existed
+    torch.save(checkpoint, last)
+    args, _, _ = online_trainer.parse_run(common + ["--resume"])
+    assert args.online_inverse == 1
 
 
 def test_checkpoint_for_another_environment_is_refused(tiny_dataset_dir, tmp_path):
@@ -229,3 +265,21 @@ def write_online_runs(tmp_path, name, evaluations_per_seed):
         (run / "online_metrics.csv").write_text("\n".join(rows) + "\n")
         runs.append(str(run))
     return runs
+
+
+def test_action_magnitudes_reads_blocks_of_episodes_without_their_padding_rows(tiny_dataset_dir, tmp_path):
+    """Three hand-made episodes of 3, 2 and 4 executed actions, |a| 1.0, 0.5 and 0.25, each with its padding row."""
+    actions, ends = [], []
+    for value, length in ((1.0, 3), (0.5, 2), (0.25, 4)):
+        ends += [len(ends) + length] * (length + 1)
+        actions += [[value, -value]] * length + [[0.0, 0.0]]
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "online_buffer": {"actions": torch.tensor(actions),
+                                                               "traj_ends": torch.tensor(ends)}},
+               run / "last_online_model.pth")
+    out = subprocess.run([sys.executable, "benchmarks/action_magnitudes.py", str(run), "--dataset", TINY_DATASET,
+                          "--dataset_dir", tiny_dataset_dir, "--block", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "episodes 1-2: mean |a| 0.800, share of numbers with |a| > 0.95: 0.600" in out   # (3 x 1 + 2 x 0.5) / 5
+    assert "episodes 3-3: mean |a| 0.250, share of numbers with |a| > 0.95: 0.000" in out
