@@ -260,7 +260,7 @@ class OfflineAgent:
     def nearest_subgoal_states(self):
         """The kept states by position (`NearestByPosition`), one index shared by every actor: the full searches it
         caches depend on the normalised positions alone, which training never moves, so an online run builds it
-        once and not at every episode (on antmaze 1-2 s an episode; BENCHMARKS.md, "Acting cost")."""
+        once and not at every episode (about 0.7 s of an ant episode; BENCHMARKS.md, "Acting cost")."""
         normalization = torch.cat([self.encoder.obs_mean[:2], self.encoder.obs_std[:2]])
         if self.subgoal_index is None or not torch.equal(self.subgoal_index[0], normalization):
             positions = self.encoder.normalize(self.subgoal_data.states)[:, :2]
