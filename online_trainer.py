@@ -42,7 +42,7 @@ SUCCESS_SMOOTHING = 20  # episodes in the moving average of the logged online su
 ONLINE_KEYS = ("phase", "episode", "best_success", "run_config", "run", "online_buffer", "rng_torch", "rng_goals",
                "rng_samplers")
 # what the runs saved before a flag existed did, for resuming them
-BEFORE_THE_FLAG = dict(online_inverse=1)
+BEFORE_THE_FLAG = dict(online_inverse=1, online_low_level="train")
 # flags a resumed online run may take anew; every other flag is the run's own (a differing one is refused)
 MAY_CHANGE_ON_RESUME = ("eval_every", "device", "threads", "no_progress", "resume", "overwrite", "save_dir")
 
@@ -58,6 +58,9 @@ class OnlineRunConfig(RunConfig):
                                unit_float)
     online_inverse: int = flag(1, "1: online rows train the inverse dynamics too; 0: only the offline rows do (the "
                                   "other losses still learn from online data)", choices=[0, 1], type=int)
+    online_low_level: str = flag("train", "train: every network learns online; frozen: the encoder and the inverse "
+                                          "dynamics keep the checkpoint's weights, online updates train the value, "
+                                          "critic and proposer", choices=["train", "frozen"])
     commanded_goal_prob: float = flag(0.2, "share of online value goals replaced by the episode's own goal and the "
                                            "env's success", unit_float)
     online_lr: Optional[float] = flag(None, "learning rate from the offline-to-online switch (default: the "
@@ -204,6 +207,8 @@ def train_online(agent, env, offline_data, args, folder, checkpoint, device):
                                           goal_rng), paths["best"])
         folder.committed()
         tqdm.write(f"checkpoint {args.checkpoint}: greedy success {run['best_success']:.3f} before online fine-tuning")
+    if args.online_low_level == "frozen":
+        agent.freeze_low_level()
 
     bar = tqdm(range(run["episode"] + 1, args.max_episodes + 1), desc="online", disable=args.no_progress)
     for episode in bar:

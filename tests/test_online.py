@@ -186,10 +186,45 @@ def test_online_inverse_0_runs_and_an_online_run_from_before_the_flag_resumes_im
     last = online_dir / "last_online_model.pth"
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["run_config"]["online_inverse"] == 0
-    del checkpoint["run_config"]["online_inverse"]          # as saved before the flag existed
+    for flag_name in ("online_inverse", "online_low_level"):     # as saved before the flags existed
+        del checkpoint["run_config"][flag_name]
     torch.save(checkpoint, last)
     args, _, _ = online_trainer.parse_run(common + ["--resume"])
-    assert args.online_inverse == 1
+    assert args.online_inverse == 1 and args.online_low_level == "train"
+
+
+def test_a_frozen_low_level_keeps_the_checkpoints_encoder_and_inverse_dynamics_through_a_resume(
+        tiny_dataset_dir, tmp_path, monkeypatch):
+    offline_dir = tmp_path / "offline"
+    offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
+    online_dir = tmp_path / "online"
+    run = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(online_dir),
+           "--checkpoint", str(offline_dir / "best_model.pth"), "--updates_per_episode", "2", "--batch_size", "2",
+           "--eval_every", "2", "--eval_episodes", "1", "--no_progress", "--max_episode_steps", "40",
+           "--max_episodes", "4", "--online_low_level", "frozen"]
+    run_episode, calls = online_trainer.run_episode, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt      # killed during the third episode: the rest runs after a resume
+        return run_episode(*args, **kwargs)
+    monkeypatch.setattr(online_trainer, "run_episode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        online_trainer.main(run)
+    monkeypatch.setattr(online_trainer, "run_episode", run_episode)
+    online_trainer.main(run + ["--resume"])
+    start = load_checkpoint(offline_dir / "best_model.pth")
+    end = load_checkpoint(online_dir / "last_online_model.pth")
+    assert end["episode"] == 4 and end["step"] == start["step"] + 8
+    for name, tensor in start["encoder"].items():
+        torch.testing.assert_close(end["encoder"][name], tensor, rtol=0, atol=0, msg=name)
+    frozen = [name for name in start["heads"] if name.startswith("inverse.")]
+    assert frozen
+    for name in frozen:
+        torch.testing.assert_close(end["heads"][name], start["heads"][name], rtol=0, atol=0, msg=name)
+    for head in ("value.", "q1.", "proposer."):        # the high level learns
+        assert any(not torch.equal(end["heads"][n], start["heads"][n]) for n in start["heads"] if n.startswith(head))
 
 
 def test_checkpoint_for_another_environment_is_refused(tiny_dataset_dir, tmp_path):
