@@ -185,14 +185,6 @@ def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def imitated_mean(action_errors, rows):
-    """The inverse dynamics' loss over the rows it imitates: all of them, or where a batch says which (`imitate`,
-    1 or 0 per row: online fine-tuning can keep its own actions out, `online_trainer.py --online_inverse 0`)."""
-    if "imitate" not in rows:
-        return action_errors.mean()
-    return masked_mean(action_errors, rows["imitate"])
-
-
 def positions_with_a_subgoal(batch):
     """(b, t): the window positions with a subgoal k steps ahead (future_valid)."""
     return batch["future_valid"].nonzero(as_tuple=True)
@@ -343,7 +335,7 @@ class OfflineAgent:
         with torch.no_grad():
             weights = advantage_weights(advantage, self.config.inverse_beta)
         action_error = (self.action(lat.z, lat.z_inverse_subgoal, lat.z_actor_goal) - rows["actions"]).square().sum(-1)
-        loss = imitated_mean(weights * action_error, rows)
+        loss = (weights * action_error).mean()
         return loss, {"inverse/loss": loss, "inverse/action_mse": action_error.mean(),
                       "inverse/advantage_mean": advantage.mean()}
 
@@ -413,7 +405,7 @@ class OfflineAgent:
         """I(E([o_t]), E([o_{t+d}])) -> a_t on a value step's independent transitions, the encodings held: the
         windows give I about a thousand rows per update, too few for the data's noisy actions (four value steps
         give it four thousand more at a fraction of a window's cost; BENCHMARKS.md, issue 24)."""
-        return imitated_mean((self.action(z, z_subgoal, z_subgoal) - batch["actions"]).square().sum(-1), batch)
+        return (self.action(z, z_subgoal, z_subgoal) - batch["actions"]).square().sum(-1).mean()
 
     # ------------------------------------------------------------------ update
 

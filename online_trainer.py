@@ -42,7 +42,7 @@ SUCCESS_SMOOTHING = 20  # episodes in the moving average of the logged online su
 ONLINE_KEYS = ("phase", "episode", "best_success", "run_config", "run", "online_buffer", "rng_torch", "rng_goals",
                "rng_samplers")
 # what the runs saved before a flag existed did, for resuming them
-BEFORE_THE_FLAG = dict(online_inverse=1, online_low_level="train")
+BEFORE_THE_FLAG = dict(online_low_level="train")
 # flags a resumed online run may take anew; every other flag is the run's own (a differing one is refused)
 MAY_CHANGE_ON_RESUME = ("eval_every", "device", "threads", "no_progress", "resume", "overwrite", "save_dir")
 
@@ -56,8 +56,6 @@ class OnlineRunConfig(RunConfig):
     updates_per_episode: int = flag(10, "gradient updates after each episode (0 to only collect)", non_negative_int)
     online_ratio: float = flag(0.5, "share of each batch's windows drawn from the online buffer (once it holds data)",
                                unit_float)
-    online_inverse: int = flag(1, "1: online rows train the inverse dynamics too; 0: only the offline rows do (the "
-                                  "other losses still learn from online data)", choices=[0, 1], type=int)
     online_low_level: str = flag("train", "train: every network learns online; frozen: the encoder and the inverse "
                                           "dynamics keep the checkpoint's weights, online updates train the value, "
                                           "critic and proposer", choices=["train", "frozen"])
@@ -117,19 +115,13 @@ def run_episode(env, actor, ob):
     return np.asarray(observations), np.asarray(actions), np.asarray(reached), reward_sum
 
 
-def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, method="sample", online_inverse=1,
-                **kwargs):
+def mixed_batch(offline_sampler, online_sampler, batch_size, online_ratio, method="sample", **kwargs):
     """batch_size windows (method 'sample') or transitions ('sample_transitions'), a share of them from the online
-    buffer: (batch, online rows). With online_inverse 0 each row says whether the inverse dynamics imitates it
-    (`imitate`: 1 offline, 0 online)."""
+    buffer: (batch, online rows)."""
     n_online = online_fraction_of_batch(batch_size, online_ratio, len(online_sampler.data))
 
     def draw(sampler, n):
-        batch = getattr(sampler, method)(n, **kwargs)
-        if not online_inverse:
-            rows = batch["observations"].shape[:-1]     # (windows, positions) or (transitions,)
-            batch["imitate"] = torch.full(rows, float(sampler is offline_sampler), device=batch["observations"].device)
-        return batch
+        return getattr(sampler, method)(n, **kwargs)
     if n_online == 0:
         return draw(offline_sampler, batch_size), 0
     if n_online == batch_size:
@@ -221,11 +213,10 @@ def train_online(agent, env, offline_data, args, folder, checkpoint, device):
         run["episode"], run["env_steps"] = episode, run["env_steps"] + len(actions) - 1
         infos, online_windows = [], []
         for _ in range(args.updates_per_episode):
-            draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio,
-                                 online_inverse=args.online_inverse, device=device) for _ in range(1 + c.critic_steps)]
+            draws = [mixed_batch(offline_sampler, online_sampler, args.batch_size, args.online_ratio, device=device)
+                     for _ in range(1 + c.critic_steps)]
             value_batches = [mixed_batch(offline_sampler, online_sampler, c.value_batch_size, args.online_ratio,
-                                         "sample_transitions", online_inverse=args.online_inverse,
-                                         steps=c.subgoal_steps, device=device)[0]
+                                         "sample_transitions", steps=c.subgoal_steps, device=device)[0]
                              for _ in range(c.value_steps)]
             online_windows += [n_online for _, n_online in draws]
             infos.append(agent.update(draws[0][0], [batch for batch, _ in draws[1:]], value_batches))

@@ -345,25 +345,6 @@ def test_nearest_by_position_finds_exactly_the_k_nearest_in_every_cell(k):
     assert len(search.discs) > 1
 
 
-def test_rows_marked_not_to_imitate_leave_the_inverse_dynamics_untouched():
-    data, batch = small_batch()
-    agent = normalized_agent(data)
-    marked = dict(batch, imitate=torch.ones(batch["future_valid"].shape))
-    marked["imitate"][4:] = 0.0
-    other_actions = dict(marked, actions=torch.cat([batch["actions"][:4], -batch["actions"][4:]]))
-    transitions = WindowSampler(data, 12, 3, 0.99, seed=1).sample_transitions(64, steps=3)
-    transitions["imitate"] = (torch.arange(64) < 32).float()
-    other_transitions = dict(transitions, actions=torch.cat([transitions["actions"][:32], -transitions["actions"][32:]]))
-    with torch.no_grad():
-        losses = [agent.total_loss(b)[1]["inverse/loss"] for b in (marked, other_actions)]
-        alone = agent.total_loss({k: v[:4] for k, v in batch.items()})[1]["inverse/loss"]
-        transition_losses = [agent.value_step_loss(b)[1]["inverse/transition_loss"] for b in (transitions, other_transitions)]
-        first_half = agent.value_step_loss({k: v[:32] for k, v in transitions.items()})[1]["inverse/transition_loss"]
-    assert losses[0] == losses[1] and transition_losses[0] == transition_losses[1]   # the marked rows do not count
-    torch.testing.assert_close(losses[0], alone)                      # the mean over the imitated rows alone
-    torch.testing.assert_close(transition_losses[0], first_half)
-
-
 def test_actors_share_one_position_index_until_the_normalisation_or_the_data_changes():
     data, _ = small_batch(obs_dim=4)
     agent = normalized_agent(data, obs_dim=4, subgoal_source="data", data_neighbors=7, data_stride=2)

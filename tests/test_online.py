@@ -130,22 +130,6 @@ def test_mixed_transitions_take_the_online_share_from_the_online_buffer():
     np.testing.assert_array_equal(batch["observations"][:, 0].numpy(), [0, 0, 0, 0, 1, 1, 1, 1])
 
 
-@pytest.mark.parametrize("method", ["sample", "sample_transitions"])
-def test_with_online_inverse_0_each_row_says_whether_the_inverse_dynamics_imitates_it(method):
-    offline = Trajectories.from_terminals(np.zeros((50, 2), np.float32), np.zeros((50, 2), np.float32),
-                                          np.arange(50) % 10 == 9)
-    online = Trajectories.empty(2, 2)
-    online.append(np.ones((30, 2)), np.zeros((30, 2)), np.ones(2), np.zeros(30, bool))
-    samplers = [WindowSampler(d, 10, 3, 0.99, seed=0) for d in (offline, online)]
-    kwargs = dict(steps=3) if method == "sample_transitions" else {}
-    batch, n_online = online_trainer.mixed_batch(*samplers, 8, 0.5, method, online_inverse=0, **kwargs)
-    rows = batch["observations"].shape[:-1]
-    expected = torch.cat([torch.ones((4,) + rows[1:]), torch.zeros((4,) + rows[1:])])   # offline rows first
-    assert n_online == 4 and torch.equal(batch["imitate"], expected)
-    default, _ = online_trainer.mixed_batch(*samplers, 8, 0.5, method, **kwargs)
-    assert "imitate" not in default                   # the default batch is the offline trainer's, unchanged
-
-
 def test_online_share_of_the_batch():
     assert online_fraction_of_batch(8, 0.5, 0) == 0
     assert online_fraction_of_batch(8, 0.5, 100) == 4
@@ -172,25 +156,20 @@ def test_online_run_loads_the_offline_checkpoint_and_writes_every_output(tiny_da
     assert last["step"] == offline_step + 4 and last["phase"] == "online"
 
 
-def test_online_inverse_0_runs_and_an_online_run_from_before_the_flag_resumes_imitating(tiny_dataset_dir, tmp_path):
+def test_an_online_run_from_before_the_low_level_flag_resumes_training_it(tiny_dataset_dir, tmp_path):
     offline_dir = tmp_path / "offline"
     offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
     online_dir = tmp_path / "online"
     common = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(online_dir)]
-    online_trainer.main(common + ["--checkpoint", str(offline_dir / "best_model.pth"), "--max_episodes", "2",
-                                  "--updates_per_episode", "2", "--batch_size", "2", "--eval_every", "2",
-                                  "--eval_episodes", "1", "--no_progress", "--max_episode_steps", "40",
-                                  "--online_inverse", "0"])
-    metrics = read_csv(online_dir / "online_metrics.csv")
-    assert np.isfinite(metrics["inverse/loss"][1:]).all()
+    online_trainer.main(common + ["--checkpoint", str(offline_dir / "best_model.pth"), "--max_episodes", "1",
+                                  "--updates_per_episode", "1", "--batch_size", "2", "--eval_every", "1",
+                                  "--eval_episodes", "1", "--no_progress", "--max_episode_steps", "40"])
     last = online_dir / "last_online_model.pth"
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["run_config"]["online_inverse"] == 0
-    for flag_name in ("online_inverse", "online_low_level"):     # as saved before the flags existed
-        del checkpoint["run_config"][flag_name]
+    del checkpoint["run_config"]["online_low_level"]          # as saved before the flag existed
     torch.save(checkpoint, last)
     args, _, _ = online_trainer.parse_run(common + ["--resume"])
-    assert args.online_inverse == 1 and args.online_low_level == "train"
+    assert args.online_low_level == "train"
 
 
 def test_a_frozen_low_level_keeps_the_checkpoints_encoder_and_inverse_dynamics_through_a_resume(
