@@ -396,16 +396,16 @@ class OfflineAgent:
         loss = expectile_loss(target - v, self.config.expectile).mean()
         info = {"value/loss": loss, "value/v_mean": v.mean()}
         if z_inverse:
-            inverse = self.transition_inverse_loss(z, z_inverse[0], batch)
+            inverse = self.transition_inverse_loss(z, z_inverse[0], batch["actions"])
             loss = loss + inverse
             info["inverse/transition_loss"] = inverse
         return loss, info
 
-    def transition_inverse_loss(self, z, z_subgoal, batch):
+    def transition_inverse_loss(self, z, z_subgoal, actions):
         """I(E([o_t]), E([o_{t+d}])) -> a_t on a value step's independent transitions, the encodings held: the
         windows give I about a thousand rows per update, too few for the data's noisy actions (four value steps
         give it four thousand more at a fraction of a window's cost; BENCHMARKS.md, issue 24)."""
-        return (self.action(z, z_subgoal, z_subgoal) - batch["actions"]).square().sum(-1).mean()
+        return (self.action(z, z_subgoal, z_subgoal) - actions).square().sum(-1).mean()
 
     # ------------------------------------------------------------------ update
 

@@ -35,7 +35,7 @@ class OnlineAgent(OfflineAgent):
     def freeze_low_level(self):
         """The encoder and the inverse dynamics keep their weights from here on, so online updates move the high
         level alone (value, critic, proposer) on the representation the low level was trained on: on the ant the
-        low level that followed the oracle's subgoals to 0.91-0.98 fell to 0.51-0.59 within 100-300 online
+        low level that followed the oracle's subgoals to 0.91-0.98 fell to 0.43-0.59 within 100-300 online
         episodes when it trained (BENCHMARKS.md, issue 25). Not saved in checkpoints: the trainer freezes again
         on resume."""
         self.encoder.requires_grad_(False)

@@ -3,7 +3,8 @@ numbers at the bounds (|a| > 0.95), for the dataset and for each online run's re
 
 The inverse dynamics regresses actions (mean squared error), so it predicts the mean action of the data near a
 (state, subgoal) pair; online windows then teach it the agent's own executed actions. Where the agent's actions
-are weaker than the data's, each round of that self-imitation can weaken them further (issue 25, the ant).
+are weaker than the data's, that self-imitation was the suspect of the ant's online losses (issue 25); it was
+cleared: without it (the retired `--online_inverse 0`) the low level fell as far (BENCHMARKS.md).
 
     python benchmarks/action_magnitudes.py runs/bench/online-antmaze-medium-navigate-v0-seed9 \
         runs/bench/online-antmaze-medium-navigate-v0-control-seed9 --dataset antmaze-medium-navigate-v0

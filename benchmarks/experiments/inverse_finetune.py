@@ -47,7 +47,7 @@ def report(label, agent, probe, contact):
     """I's action error on the probe's transitions at wall contact and elsewhere."""
     z, z_subgoal = encode(agent, probe)
     with torch.no_grad():
-        errors = [agent.transition_inverse_loss(z[rows], z_subgoal[rows], {"actions": probe["actions"][rows]}).item()
+        errors = [agent.transition_inverse_loss(z[rows], z_subgoal[rows], probe["actions"][rows]).item()
                   for rows in (contact, ~contact)]
     print(f"{label}: action error (sum of squares) at wall contact {errors[0]:.3f} ({int(contact.sum())} rows), "
           f"elsewhere {errors[1]:.3f} ({int((~contact).sum())} rows)", flush=True)
@@ -83,7 +83,7 @@ def main():
     start = time.time()
     for step in range(1, args.steps + 1):
         batch = sampler.sample_transitions(args.batch, k)
-        loss = agent.transition_inverse_loss(*encode(agent, batch), batch)
+        loss = agent.transition_inverse_loss(*encode(agent, batch), batch["actions"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
