@@ -56,9 +56,9 @@ class OnlineRunConfig(RunConfig):
     updates_per_episode: int = flag(10, "gradient updates after each episode (0 to only collect)", non_negative_int)
     online_ratio: float = flag(0.5, "share of each batch's windows drawn from the online buffer (once it holds data)",
                                unit_float)
-    online_low_level: str = flag("train", "train: every network learns online; frozen: the encoder and the inverse "
-                                          "dynamics keep the checkpoint's weights, online updates train the value, "
-                                          "critic and proposer", choices=["train", "frozen"])
+    online_low_level: str = flag("frozen", "frozen: the encoder and the inverse dynamics keep the checkpoint's "
+                                           "weights, online updates train the value, critic and proposer; train: "
+                                           "every network learns online", choices=["frozen", "train"])
     commanded_goal_prob: float = flag(0.2, "share of online value goals replaced by the episode's own goal and the "
                                            "env's success", unit_float)
     online_lr: Optional[float] = flag(None, "learning rate from the offline-to-online switch (default: the "

@@ -180,7 +180,7 @@ def test_a_frozen_low_level_keeps_the_checkpoints_encoder_and_inverse_dynamics_t
     run = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--save_dir", str(online_dir),
            "--checkpoint", str(offline_dir / "best_model.pth"), "--updates_per_episode", "2", "--batch_size", "2",
            "--eval_every", "2", "--eval_episodes", "1", "--no_progress", "--max_episode_steps", "40",
-           "--max_episodes", "4", "--online_low_level", "frozen"]
+           "--max_episodes", "4"]                               # the default low level: frozen
     run_episode, calls = online_trainer.run_episode, []
 
     def interrupted(*args, **kwargs):
@@ -221,13 +221,14 @@ def test_epsilon_end_above_start_is_an_argparse_error(capsys):
     assert "--epsilon_end" in capsys.readouterr().err
 
 
-def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("low_level", ["frozen", "train"])
+def test_online_resume_matches_an_uninterrupted_run(tiny_dataset_dir, tmp_path, monkeypatch, low_level):
     offline_dir = tmp_path / "offline"
     offline_trainer.main(TINY_RUN + ["--dataset_dir", tiny_dataset_dir, "--save_dir", str(offline_dir)])
     common = ["--dataset", TINY_DATASET, "--dataset_dir", tiny_dataset_dir, "--checkpoint",
               str(offline_dir / "best_model.pth"), "--updates_per_episode", "2", "--batch_size", "2",
               "--eval_every", "2", "--eval_episodes", "1", "--device", "cpu", "--no_progress",
-              "--max_episode_steps", "40", "--max_episodes", "4"]
+              "--max_episode_steps", "40", "--max_episodes", "4", "--online_low_level", low_level]
     online_trainer.main(common + ["--save_dir", str(tmp_path / "straight")])
 
     run_episode = online_trainer.run_episode
