@@ -9,7 +9,9 @@ For online runs (more than two evaluations) it also prints, per seed and over se
 evaluations (OGBench reports the mean of its last three) and the dip: the lowest evaluation after the first,
 minus the first (the checkpoint's own success before any online step). With --control (the same seeds' runs
 without online data, in the same order) it prints the gain from online data: treatment minus control on the mean
-of the last evaluations, per seed and as mean +/- std.
+of the last evaluations, per seed and as mean +/- std. With --per_task N (online runs whose goals are the evaluation
+tasks in turn, `--goal_source tasks`: episode e aims at task (e - 1) % 5 + 1) it prints each task's exploring success
+per block of N episodes and its mean over the last evaluations: which tasks the online phase learns.
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ogbench_utils import NUM_EVAL_TASKS  # noqa: E402
 from utils import read_csv  # noqa: E402
 
 
@@ -29,13 +32,31 @@ def run_summary(run_dir, last=3):
             evaluated = np.isfinite(columns["eval/success"])
             success = columns["eval/success"][evaluated]
             wall = columns["time/elapsed_s"][-1]
-            tasks = [columns[f"eval/task{i}_success"][evaluated][-1] for i in range(1, 6)
+            tasks = [columns[f"eval/task{i}_success"][evaluated][-1] for i in range(1, NUM_EVAL_TASKS + 1)
                      if f"eval/task{i}_success" in columns]
             return dict(run=run_dir, first=success[0], final=success[-1], evaluations=success,
                         last_mean=success[-last:].mean(), dip=(success[1:].min() - success[0]) if len(success) > 1
                         else 0.0, rows=len(columns["eval/success"]), wall_min=wall / 60, step=columns["step"][-1],
                         tasks=tasks)
     raise SystemExit(f"no metrics file in {run_dir}")
+
+
+def per_task_lines(run_dir, block, last):
+    """Each task's exploring success per block of episodes, and its mean over the last evaluations."""
+    columns = read_csv(os.path.join(run_dir, "online_metrics.csv"))
+    episode, success = columns["episode"].astype(int), columns["online/success"]
+    task = (episode - 1) % NUM_EVAL_TASKS + 1
+    blocks = []
+    for start in range(1, int(episode.max()) + 1, block):
+        rows = (episode >= start) & (episode < start + block)
+        blocks.append(f"{start}-{start + block - 1}: " + " ".join(
+            f"{success[rows & (task == t)].mean():.2f}" if (rows & (task == t)).any() else "-"
+            for t in range(1, NUM_EVAL_TASKS + 1)))
+    evaluated = np.isfinite(columns["eval/success"])
+    last_tasks = [columns[f"eval/task{t}_success"][evaluated][-last:].mean() for t in range(1, NUM_EVAL_TASKS + 1)]
+    return [f"  exploring success of tasks 1-{NUM_EVAL_TASKS} per {block} episodes: " + "; ".join(blocks),
+            f"  tasks 1-{NUM_EVAL_TASKS}, mean of the last {last} evaluations: "
+            + " ".join(f"{v:.2f}" for v in last_tasks)]
 
 
 def spread(values):
@@ -49,6 +70,8 @@ def main():
     parser.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of an online run")
     parser.add_argument("--control", nargs="+", default=[], metavar="RUN",
                         help="the control's online run folders, one per run above, in the same order")
+    parser.add_argument("--per_task", type=int, default=0, metavar="N",
+                        help="online runs on the tasks' goals: each task's exploring success per N episodes")
     args = parser.parse_args()
     if args.control and len(args.control) != len(args.runs):
         parser.error(f"--control takes one run per run above: {len(args.runs)} runs, {len(args.control)} controls")
@@ -61,6 +84,8 @@ def main():
         if online:
             print(f"  evaluations {' '.join(f'{s:.2f}' for s in r['evaluations'])}; mean of the last {args.last} "
                   f"{r['last_mean']:.3f}; dip {r['dip']:+.3f}")
+        if online and args.per_task:
+            print("\n".join(per_task_lines(r["run"], args.per_task, args.last)))
     final = np.array([r["final"] for r in rows])
     first = np.array([r["first"] for r in rows])
     print(f"final success over {len(rows)} seeds: {spread(final)} (mean +/- std); min {final.min():.3f}, "

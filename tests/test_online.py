@@ -268,6 +268,25 @@ def test_summary_reports_the_mean_of_the_last_evaluations_the_dip_and_the_gain_o
     assert mismatched.returncode == 2 and "--control takes one run per run above" in mismatched.stderr
 
 
+def test_summary_per_task_reads_the_tasks_in_turn_per_block_of_episodes(tmp_path):
+    """Episodes 1-10 aim at tasks 1-5, 1-5; only task 3's two episodes and task 5's second one succeed. Evaluations
+    at episodes 0, 5 and 10, task t scoring t / 10, then t / 5, then 0."""
+    run = tmp_path / "online-seed0"
+    run.mkdir()
+    tasks = ",".join(f"eval/task{t}_success" for t in range(1, 6))
+    rows = [f"episode,step,online/success,eval/success,{tasks},time/elapsed_s"]
+    for episode in range(11):
+        success = "" if episode == 0 else int((episode - 1) % 5 + 1 == 3 or episode == 10)
+        scores = {0: [t / 10 for t in range(1, 6)], 5: [t / 5 for t in range(1, 6)], 10: [0.0] * 5}.get(episode)
+        evaluation = f"{np.mean(scores)},{','.join(map(str, scores))}" if scores else "," * 5
+        rows.append(f"{episode},{10 * episode},{success},{evaluation},{episode}")
+    (run / "online_metrics.csv").write_text("\n".join(rows) + "\n")
+    out = subprocess.run([sys.executable, "benchmarks/summarize.py", str(run), "--per_task", "5", "--last", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "per 5 episodes: 1-5: 0.00 0.00 1.00 0.00 0.00; 6-10: 0.00 0.00 1.00 0.00 1.00" in out
+    assert "tasks 1-5, mean of the last 2 evaluations: 0.10 0.20 0.30 0.40 0.50" in out   # (t / 5 + 0) / 2
+
+
 def write_online_runs(tmp_path, name, evaluations_per_seed):
     """online_metrics.csv folders with these greedy evaluations, an episode without one between each two."""
     runs = []
