@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ogbench_utils import NUM_EVAL_TASKS  # noqa: E402
-from utils import read_csv  # noqa: E402
+from utils import read_csv, read_json  # noqa: E402
 
 
 def run_summary(run_dir, last=3):
@@ -43,6 +43,10 @@ def run_summary(run_dir, last=3):
 
 def per_task_lines(run_dir, block, last):
     """Each task's exploring success per block of episodes, and its mean over the last evaluations."""
+    config = os.path.join(run_dir, "config.json")
+    goal_source = read_json(config).get("goal_source", "tasks") if os.path.exists(config) else "tasks"
+    if goal_source != "tasks":
+        return [f"  per task: not read, this run's goals are --goal_source {goal_source}, not the tasks in turn"]
     columns = read_csv(os.path.join(run_dir, "online_metrics.csv"))
     episode, success = columns["episode"].astype(int), columns["online/success"]
     task = (episode - 1) % NUM_EVAL_TASKS + 1

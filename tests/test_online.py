@@ -285,6 +285,10 @@ def test_summary_per_task_reads_the_tasks_in_turn_per_block_of_episodes(tmp_path
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "per 5 episodes: 1-5: 0.00 0.00 1.00 0.00 0.00; 6-10: 0.00 0.00 1.00 0.00 1.00" in out
     assert "tasks 1-5, mean of the last 2 evaluations: 0.10 0.20 0.30 0.40 0.50" in out   # (t / 5 + 0) / 2
+    (run / "config.json").write_text('{"goal_source": "random"}')
+    out = subprocess.run([sys.executable, "benchmarks/summarize.py", str(run), "--per_task", "5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "not read, this run's goals are --goal_source random" in out and "per 5 episodes" not in out
 
 
 def write_online_runs(tmp_path, name, evaluations_per_seed):
