@@ -86,10 +86,15 @@ def check_schedules(parser, args):
         parser.error("--action_noise_end must not exceed --action_noise_start")
 
 
+def task_of_episode(episode):
+    """The evaluation task online episode `episode` (from 1; an int or an array) aims at with --goal_source tasks."""
+    return (episode - 1) % NUM_EVAL_TASKS + 1
+
+
 def reset_for_goal(env, episode, goal_source, rng, seed):
     """Reset one episode: the evaluation tasks in turn, or a random start and goal cell."""
     if goal_source == "tasks":
-        options = dict(task_id=(episode - 1) % NUM_EVAL_TASKS + 1)
+        options = dict(task_id=task_of_episode(episode))
     else:
         free, _ = maze_cells(env.unwrapped.maze_map)
         init, goal = rng.choice(len(free), size=2, replace=False)

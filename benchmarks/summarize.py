@@ -10,7 +10,7 @@ evaluations (OGBench reports the mean of its last three) and the dip: the lowest
 minus the first (the checkpoint's own success before any online step). With --control (the same seeds' runs
 without online data, in the same order) it prints the gain from online data: treatment minus control on the mean
 of the last evaluations, per seed and as mean +/- std. With --per_task N (online runs whose goals are the evaluation
-tasks in turn, `--goal_source tasks`: episode e aims at task (e - 1) % 5 + 1) it prints each task's exploring success
+tasks in turn, `--goal_source tasks`: `online_trainer.task_of_episode`) it prints each task's exploring success
 per block of N episodes and its mean over the last evaluations: which tasks the online phase learns.
 """
 import argparse
@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ogbench_utils import NUM_EVAL_TASKS  # noqa: E402
-from utils import read_csv, read_json  # noqa: E402
+from online_trainer import task_of_episode  # noqa: E402
+from utils import non_negative_int, read_csv, read_json  # noqa: E402
 
 
 def run_summary(run_dir, last=3):
@@ -49,7 +50,7 @@ def per_task_lines(run_dir, block, last):
         return [f"  per task: not read, this run's goals are --goal_source {goal_source}, not the tasks in turn"]
     columns = read_csv(os.path.join(run_dir, "online_metrics.csv"))
     episode, success = columns["episode"].astype(int), columns["online/success"]
-    task = (episode - 1) % NUM_EVAL_TASKS + 1
+    task = task_of_episode(episode)
     blocks = []
     for start in range(1, int(episode.max()) + 1, block):
         rows = (episode >= start) & (episode < start + block)
@@ -74,7 +75,7 @@ def main():
     parser.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of an online run")
     parser.add_argument("--control", nargs="+", default=[], metavar="RUN",
                         help="the control's online run folders, one per run above, in the same order")
-    parser.add_argument("--per_task", type=int, default=0, metavar="N",
+    parser.add_argument("--per_task", type=non_negative_int, default=0, metavar="N",
                         help="online runs on the tasks' goals: each task's exploring success per N episodes")
     args = parser.parse_args()
     if args.control and len(args.control) != len(args.runs):
